@@ -1,0 +1,21 @@
+"""Test-wide settings: CPU only, Agg backend, strict rank promotion.
+
+Multi-device tests live in ``tests/sharding/`` and run in their own pytest
+process (the fake device count must be set before JAX starts).
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_ignore_collect(collection_path, config):
+  # tests/sharding needs 8 fake devices set before JAX starts: its own process.
+  if "sharding" in collection_path.parts and os.environ.get("DATAWEIGHTS_SHARDING_RUN") != "1":
+    return True
+  return None
