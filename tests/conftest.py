@@ -8,6 +8,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("DATAWEIGHTS_SHARDING_RUN") == "1":
+  # Must precede the first use of JAX in this process.
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
 
 import jax  # noqa: E402
 
