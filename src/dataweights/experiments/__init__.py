@@ -4,6 +4,6 @@ Importing this package registers every published result in
 :data:`dataweights.experiments.registry.REGISTRY`.
 """
 
-from dataweights.experiments.registry import REGISTRY, Published, register
+from dataweights.experiments.registry import REGISTRY, Published, publish, register
 
-__all__ = ["REGISTRY", "Published", "register"]
+__all__ = ["REGISTRY", "Published", "publish", "register"]

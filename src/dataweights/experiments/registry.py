@@ -47,3 +47,45 @@ def register(entry: Published) -> Published:
     raise ValueError(f"published result {entry.name!r} registered twice")
   REGISTRY[entry.name] = entry
   return entry
+
+
+def publish(
+  name: str,
+  cfg: Any,
+  results_dir: str | None,
+  *,
+  profile: str | None = None,
+) -> tuple[dict[str, Any], Any]:
+  """Runs a registered experiment, saves its JSON (+ PNG), returns (data, fig).
+
+  This is what a chapter cell calls. With ``results_dir`` falsy nothing is
+  written (nbval re-executions in CI), so the published files stay as the
+  book runner left them.
+
+  Args:
+    name: a key of :data:`REGISTRY`.
+    cfg: the experiment config (stored in the JSON so the drift guard can
+      rebuild it with ``entry.make_config(**stored)``).
+    results_dir: where to write ``<name>.json`` / ``<name>.png``, or ``""``.
+    profile: recorded in the provenance; defaults to ``cfg.profile``.
+
+  Returns:
+    The data dict and the matplotlib figure (``None`` for tables).
+  """
+  import time
+
+  from dataweights import results
+
+  if name not in REGISTRY:
+    raise KeyError(f"unknown published result {name!r}; known: {', '.join(sorted(REGISTRY))}")
+  entry = REGISTRY[name]
+  t0 = time.perf_counter()
+  data = entry.run(cfg)
+  wall = time.perf_counter() - t0
+  profile = profile or getattr(cfg, "profile", "unknown")
+  results.save(name, data, results_dir, config=cfg, profile=profile, wall_time_s=wall)
+  fig = None
+  if entry.plot is not None:
+    fig = entry.plot(results.to_jsonable(data))
+    results.save_figure(fig, name, results_dir)
+  return data, fig
