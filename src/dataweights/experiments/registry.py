@@ -89,3 +89,18 @@ def publish(
     fig = entry.plot(results.to_jsonable(data))
     results.save_figure(fig, name, results_dir)
   return data, fig
+
+
+def _tuplify(x: Any) -> Any:
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  return x
+
+
+def config_from_record(entry: Published, stored: dict[str, Any]) -> Any:
+  """Rebuilds the config stored in a published JSON (lists back to tuples)."""
+  if not isinstance(stored, dict):
+    raise ValueError(f"published result {entry.name!r} stores no config dict (got {stored!r})")
+  return entry.make_config(**{k: _tuplify(v) for k, v in stored.items()})

@@ -1,0 +1,260 @@
+"""The book runner: execute chapters with papermill, publish atomically, build.
+
+A chapter is a notebook ``book/<chapter>.ipynb`` listed in ``_toc.yml``. Its
+``parameters`` cell defines ``profile`` and ``results_dir``. Running a chapter
+
+1. executes it with papermill into a scratch directory, passing ``profile``
+   and a scratch ``results_dir`` (JSON + PNG behind every figure);
+2. only if every cell succeeded, swaps the new results directory and the new
+   notebook into place (``book/results/<chapter>/`` and ``book/<chapter>.ipynb``
+   for the ``book`` profile; ``runs/<profile>/`` for any other profile, so
+   that GPU/TPU runs never overwrite the published CPU run);
+3. on failure, leaves the published files untouched, keeps the failed
+   notebook under ``_build/failed/`` for inspection and raises
+   :class:`ChapterError` with the failing cell and error.
+
+The published notebook keeps the chapter's default parameters
+(``results_dir = ""``), so re-executing it (nbval in CI) writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dataweights.configs.base import check_profile
+
+PUBLISHED_PROFILE = "book"
+
+
+class ChapterError(RuntimeError):
+  """A chapter failed to execute; published outputs were left untouched."""
+
+
+class BuildError(RuntimeError):
+  """The strict Jupyter Book build failed."""
+
+
+def repo_root(start: Path | None = None) -> Path:
+  """The directory holding ``_toc.yml`` (searched upwards from ``start``/cwd)."""
+  here = (start or Path.cwd()).resolve()
+  for d in (here, *here.parents):
+    if (d / "_toc.yml").is_file() and (d / "book").is_dir():
+      return d
+  pkg_root = Path(__file__).resolve().parents[2]
+  if (pkg_root / "_toc.yml").is_file():
+    return pkg_root
+  raise FileNotFoundError(
+    f"no _toc.yml with a book/ folder above {here}; run from the dataweights repository"
+  )
+
+
+def chapters(root: Path | None = None) -> list[str]:
+  """Notebook chapters in ``_toc.yml`` order (stems, e.g. ``"ch1_mixing"``)."""
+  import yaml
+
+  root = root or repo_root()
+  toc = yaml.safe_load((root / "_toc.yml").read_text())
+  files: list[str] = []
+
+  def walk(node):
+    if isinstance(node, dict):
+      for key in ("root", "file"):
+        if key in node:
+          files.append(str(node[key]))
+      for v in node.values():
+        if isinstance(v, (list, dict)):
+          walk(v)
+    elif isinstance(node, list):
+      for v in node:
+        walk(v)
+
+  walk(toc)
+  out = []
+  for f in files:
+    p = root / f
+    nb = p if p.suffix == ".ipynb" else p.with_suffix(".ipynb")
+    if nb.is_file():
+      out.append(nb.stem)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ChapterRun:
+  chapter: str
+  profile: str
+  notebook: Path
+  results_dir: Path
+  wall_time_s: float
+
+
+def _clean_notebook(nb, profile: str) -> None:
+  """Drops volatile metadata and the injected-parameters cell (in place)."""
+  kept = []
+  for cell in nb.cells:
+    tags = cell.get("metadata", {}).get("tags", [])
+    if "injected-parameters" in tags:
+      if profile == PUBLISHED_PROFILE:
+        continue  # published notebooks keep their defaults (results_dir = "")
+      cell["source"] = f'# Parameters injected by `dataweights run`\nprofile = "{profile}"\n'
+    md = cell.get("metadata", {})
+    md.pop("papermill", None)
+    md.pop("execution", None)
+    kept.append(cell)
+  nb.cells = kept
+  for key in ("papermill",):
+    nb.metadata.pop(key, None)
+  # Parameters injected for other profiles keep the cell; drop papermill's
+  # per-run timestamps everywhere.
+
+
+def _swap_dir(new: Path, dest: Path) -> None:
+  """Replaces ``dest`` by ``new`` so that a crash never leaves a mix of both."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  backup = dest.with_name(f".{dest.name}.old")
+  if backup.exists():
+    shutil.rmtree(backup)
+  if dest.exists():
+    os.replace(dest, backup)
+  try:
+    os.replace(new, dest)
+  except BaseException:
+    if backup.exists():
+      os.replace(backup, dest)
+    raise
+  if backup.exists():
+    shutil.rmtree(backup)
+
+
+def run_chapter(
+  chapter: str,
+  profile: str = PUBLISHED_PROFILE,
+  *,
+  root: Path | None = None,
+  out_dir: Path | None = None,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
+) -> ChapterRun:
+  """Executes one chapter with papermill and publishes it atomically.
+
+  Args:
+    chapter: notebook stem in ``book/`` (see :func:`chapters`).
+    profile: ``smoke``, ``book`` (the published run) or ``paper``.
+    root: repository root (default: found from the working directory).
+    out_dir: where to publish; default ``book/`` for the ``book`` profile,
+      ``runs/<profile>/`` otherwise.
+    progress: show papermill's per-cell progress bar.
+    log: where progress lines go.
+
+  Returns:
+    Where the executed notebook and results went, and the wall time.
+
+  Raises:
+    ChapterError: the chapter failed; nothing published was changed.
+  """
+  import nbformat
+  import papermill as pm
+
+  check_profile(profile)
+  root = root or repo_root()
+  known = chapters(root)
+  if chapter not in known:
+    raise ChapterError(f"unknown chapter {chapter!r}; chapters in _toc.yml: {', '.join(known)}")
+  book_dir = root / "book"
+  src = book_dir / f"{chapter}.ipynb"
+  if out_dir is None:
+    out_dir = book_dir if profile == PUBLISHED_PROFILE else root / "runs" / profile
+  out_dir = Path(out_dir)
+  dest_nb = out_dir / f"{chapter}.ipynb"
+  dest_results = out_dir / "results" / chapter
+
+  scratch_parent = root / "_build" / "scratch"
+  scratch_parent.mkdir(parents=True, exist_ok=True)
+  scratch = Path(tempfile.mkdtemp(prefix=f"{chapter}.", dir=scratch_parent))
+  tmp_nb = scratch / f"{chapter}.ipynb"
+  tmp_results = scratch / "results"
+  tmp_results.mkdir()
+  log(f"[dataweights] running {chapter} (profile={profile}) ...")
+  t0 = time.perf_counter()
+  try:
+    pm.execute_notebook(
+      str(src), str(tmp_nb),
+      parameters={"profile": profile, "results_dir": str(tmp_results)},
+      kernel_name="python3", cwd=str(book_dir), progress_bar=progress,
+    )
+  except Exception as e:  # papermill raises PapermillExecutionError and others
+    failed = root / "_build" / "failed"
+    failed.mkdir(parents=True, exist_ok=True)
+    kept = failed / f"{chapter}.{profile}.ipynb"
+    if tmp_nb.exists():
+      shutil.copyfile(tmp_nb, kept)
+    shutil.rmtree(scratch, ignore_errors=True)
+    detail = getattr(e, "evalue", None) or str(e).strip().splitlines()[-1:] or [repr(e)]
+    cell = getattr(e, "exec_count", None)
+    where = f" in cell [{cell}]" if cell is not None else ""
+    raise ChapterError(
+      f"chapter {chapter!r} failed{where} after {time.perf_counter() - t0:.0f} s: "
+      f"{getattr(e, 'ename', type(e).__name__)}: {detail if isinstance(detail, str) else detail[0]}\n"
+      f"  published outputs in {out_dir} were left untouched; the failed notebook is {kept}"
+    ) from e
+  wall = time.perf_counter() - t0
+
+  nb = nbformat.read(tmp_nb, as_version=4)
+  _clean_notebook(nb, profile)
+  nbformat.write(nb, tmp_nb)
+  _swap_dir(tmp_results, dest_results)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  os.replace(tmp_nb, dest_nb)
+  shutil.rmtree(scratch, ignore_errors=True)
+  log(f"[dataweights] {chapter}: done in {wall:.0f} s -> {dest_nb.relative_to(root) if dest_nb.is_relative_to(root) else dest_nb}")
+  return ChapterRun(chapter, profile, dest_nb, dest_results, wall)
+
+
+def run_chapters(
+  names: Sequence[str] | None = None,
+  profile: str = PUBLISHED_PROFILE,
+  *,
+  root: Path | None = None,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
+) -> list[ChapterRun]:
+  """Runs several chapters in order; stops at the first failure.
+
+  Chapters that ran before a failure stay published (each is atomic).
+  """
+  root = root or repo_root()
+  names = list(names) if names else chapters(root)
+  runs = []
+  t0 = time.perf_counter()
+  for i, name in enumerate(names, 1):
+    log(f"[dataweights] chapter {i}/{len(names)}: {name} (elapsed {time.perf_counter() - t0:.0f} s)")
+    runs.append(run_chapter(name, profile, root=root, progress=progress, log=log))
+  return runs
+
+
+def build(root: Path | None = None, *, log: Callable[[str], None] = print) -> Path:
+  """Builds the HTML book strictly (warnings are errors); returns index.html.
+
+  Raises:
+    BuildError: the build emitted a warning or an error.
+  """
+  root = root or repo_root()
+  exe = Path(sys.executable).with_name("jupyter-book")
+  cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(root),
+         "--builder", "html", "-W", "-n", "--keep-going"]
+  log(f"[dataweights] building the book: {' '.join(cmd[1:])}")
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+  if proc.returncode != 0:
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+    raise BuildError(f"jupyter-book build failed (exit {proc.returncode}):\n{tail}")
+  index = root / "_build" / "html" / "index.html"
+  log(f"[dataweights] book built in {time.perf_counter() - t0:.0f} s: open {index}")
+  return index
