@@ -92,15 +92,42 @@ def test_every_published_json_is_registered():
     assert REGISTRY[path.stem].chapter == path.parent.name
 
 
+def _scale_numbers(x, factor):
+  if isinstance(x, dict):
+    return {k: _scale_numbers(v, factor) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_scale_numbers(v, factor) for v in x]
+  if isinstance(x, float):
+    return x * factor
+  return x
+
+
 def test_the_drift_guard_detects_a_one_percent_change():
-  """Layer 1 must flag a 1% change in any number (the guard can fail)."""
+  """Layer 1 flags a 1% change in every published result (the guard can fail)."""
   want = {"loss": [1.0, 2.0], "w": 0.25}
   assert_close_tree({"loss": [1.0, 2.0], "w": 0.25}, want, rtol=1e-4, atol=1e-6)
   with pytest.raises(AssertionError, match="recomputed"):
     assert_close_tree({"loss": [1.0, 2.02], "w": 0.25}, want, rtol=1e-4, atol=1e-6)
-  for entry in REGISTRY.values():
-    assert entry.rtol < 0.01 and entry.atol < 0.01, (
-      f"{entry.name}: tolerance rtol={entry.rtol}, atol={entry.atol} would hide a 1% drift")
+  for name in NAMES:
+    entry, record = _published(name)
+    assert entry.rtol < 0.01, f"{name}: rtol={entry.rtol} would hide a 1% drift"
+    with pytest.raises(AssertionError, match="recomputed"):
+      assert_close_tree(_scale_numbers(record["data"], 1.01), record["data"],
+                        rtol=entry.rtol, atol=entry.atol, path=name)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].plot is not None])
+def test_the_pixel_guard_detects_a_changed_plot(name, tmp_path):
+  """Layer 2 flags a plot drawn with other line widths / marker sizes."""
+  import matplotlib
+  from matplotlib.testing.compare import compare_images
+
+  entry, record = _published(name)
+  png = PUB / entry.chapter / f"{name}.png"
+  with matplotlib.rc_context({"lines.linewidth": 4.0, "lines.markersize": 12.0,
+                              "font.size": 14.0}):
+    fresh = results.save_figure(entry.plot(record["data"]), name, tmp_path)
+  assert compare_images(str(png), str(fresh), tol=2) is not None
 
 
 def _notebooks():
