@@ -1,0 +1,390 @@
+"""The host loop: batches in, jitted steps, metrics, checkpoints, resume.
+
+``train_lm(model_cfg, train_cfg, batches)`` trains a language model end to
+end; :class:`Trainer` is the same with the pieces exposed (custom loss,
+method state in ``extra``, evaluation callback).
+
+Batches come from one of:
+
+* a *sampler*: an iterator with ``get_state() -> dict`` and
+  ``set_state(dict)`` (the data pipeline's samplers); its state is saved with
+  every checkpoint and restored on resume, so the resumed run sees the same
+  batches;
+* a *batch function* ``batch_fn(step) -> batch`` (random access, stateless);
+* a plain iterator: on resume the first ``step`` batches are skipped by
+  drawing them again (slow but exact for deterministic iterators).
+
+Each batch is ``{"tokens_BxL": int32, "mask_BxL": optional loss mask,
+"domain_B": optional int32, "weight_B": optional float}`` with
+``train_cfg.batch_size`` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+from tqdm.auto import tqdm
+
+from dataweights import metrics as metrics_lib
+from dataweights.checkpoint import CheckpointError, CheckpointManager
+from dataweights.configs.train import RESUME_MUTABLE_FIELDS, TrainConfig
+from dataweights.train import optim
+from dataweights.train.state import (
+  StaticParts,
+  TrainState,
+  abstract_state,
+  init_train_state,
+)
+from dataweights.train.step import LossFn, jit_train_step, lm_loss, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or infinity; the update was not applied.
+
+  Attributes:
+    step: the 1-based step whose update was rejected.
+    keys: the metrics that were not finite.
+    state: the last good state (the input of the failed step).
+    checkpoint_step: the last good checkpoint on disk, or None.
+  """
+
+  def __init__(self, msg: str, *, step: int, keys: list[str], state: Any,
+               checkpoint_step: int | None):
+    super().__init__(msg)
+    self.step, self.keys, self.state = step, keys, state
+    self.checkpoint_step = checkpoint_step
+
+
+def _config_dict(model_cfg: Any, train_cfg: TrainConfig, extra_keys) -> dict:
+  model = (dataclasses.asdict(model_cfg)
+           if dataclasses.is_dataclass(model_cfg) else model_cfg)
+  return {"model": model, "train": train_cfg.to_dict(),
+          "extra": sorted(extra_keys)}
+
+
+class _Batches:
+  """Uniform access to a sampler, a batch function or an iterator."""
+
+  def __init__(self, source: Any):
+    self.source = source
+    self.kind = (
+      "sampler" if hasattr(source, "get_state") and hasattr(source, "set_state")
+      else "function" if callable(source) and not hasattr(source, "__next__")
+      else "iterator"
+    )
+    self.it = iter(source) if self.kind == "iterator" else None
+
+  def get_state(self) -> Any:
+    return self.source.get_state() if self.kind == "sampler" else None
+
+  def resume(self, step: int, data_state: Any) -> None:
+    if self.kind == "sampler":
+      if data_state is None:
+        raise CheckpointError(
+          f"the checkpoint at step {step} has no data-iterator state but the "
+          "batches come from a sampler with get_state/set_state; cannot "
+          "resume the data stream exactly"
+        )
+      self.source.set_state(data_state)
+    elif self.kind == "iterator":
+      log.warning("plain iterator: skipping %d batches to resume", step)
+      for _ in range(step):
+        next(self.it)
+
+  def next(self, step: int) -> dict:
+    if self.kind == "function":
+      return self.source(step)
+    if self.kind == "sampler":
+      return next(self.source)
+    return next(self.it)
+
+
+class Trainer:
+  """A training run: model, optimiser, compiled step, checkpoints.
+
+  Args:
+    model_cfg: the model config (a dataclass; saved with checkpoints).
+    train_cfg: the training config.
+    mesh: a device mesh (:func:`dataweights.sharding.make_mesh`), or None
+      for one device.
+    model_factory: ``factory(model_cfg, rngs) -> nnx.Module``; default the
+      :class:`~dataweights.models.transformer.Transformer`.
+    loss_fn: per-example loss ``loss_fn(model, batch, key) -> loss_B``.
+    domain_names: names of the K domains for per-domain metrics.
+    extra: initial method state (e.g. ``{"w_K": ...}`` domain weights).
+    use_rng: give ``loss_fn`` a per-step key (dropout).
+  """
+
+  def __init__(
+    self,
+    model_cfg: Any,
+    train_cfg: TrainConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    model_factory: Callable[[Any, nnx.Rngs], nnx.Module] | None = None,
+    loss_fn: LossFn = lm_loss,
+    domain_names: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    use_rng: bool | None = None,
+  ):
+    from dataweights import sharding
+
+    if model_factory is None:
+      from dataweights.models.transformer import Transformer
+
+      model_factory = lambda cfg, rngs: Transformer(cfg, rngs=rngs)
+    if use_rng is None:
+      use_rng = bool(getattr(model_cfg, "dropout", 0.0))
+    self.model_cfg, self.train_cfg, self.mesh = model_cfg, train_cfg, mesh
+    self.domain_names = None if domain_names is None else list(domain_names)
+    self.schedule = optim.make_schedule(train_cfg)
+    tx = optim.make_optimizer(train_cfg)
+    make = lambda: model_factory(model_cfg, nnx.Rngs(params=train_cfg.seed))
+    if mesh is None:
+      model = make()
+      device = jax.devices()[0]
+      self.batch_sharding = self.repl_sharding = SingleDeviceSharding(device)
+    else:
+      sharding.check_divisible(mesh, batch_size=train_cfg.microbatch_size)
+      model = sharding.create_sharded(make, mesh)
+      self.batch_sharding = sharding.batch_sharding(mesh, 1)
+      self.repl_sharding = sharding.replicated(mesh)
+    state, static, shardings = init_train_state(
+      model, tx, seed=train_cfg.seed, extra=extra
+    )
+    self.state: TrainState = state
+    self.static: StaticParts = static
+    self.shardings = shardings
+    self.step_fn = make_train_step(
+      static, loss_fn=loss_fn, accumulation_steps=train_cfg.accumulation_steps,
+      domain_names=self.domain_names, schedule=self.schedule, use_rng=use_rng,
+    )
+    self.jit_step = jit_train_step(
+      self.step_fn, shardings, self.batch_sharding, self.repl_sharding
+    )
+    self.config = _config_dict(model_cfg, train_cfg, (extra or {}).keys())
+    self.ckpt = (
+      None if train_cfg.checkpoint_dir is None
+      else CheckpointManager(train_cfg.checkpoint_dir,
+                             keep=train_cfg.keep_checkpoints)
+    )
+
+  def model(self, state: TrainState | None = None) -> nnx.Module:
+    """The model with ``state``'s (default: the current) parameters."""
+    return self.static.model(self.state if state is None else state)
+
+  def put_batch(self, batch: dict) -> dict:
+    """Checks the batch size and places the batch with its sharding."""
+    arrays = {k: np.asarray(v) if not isinstance(v, jax.Array) else v
+              for k, v in batch.items()}
+    want = self.train_cfg.batch_size
+    for key, x in arrays.items():
+      if x.ndim == 0 or x.shape[0] != want:
+        raise ValueError(
+          f"batch[{key!r}] has shape {x.shape}; every batch array must have "
+          f"train_cfg.batch_size = {want} rows"
+        )
+    if self.mesh is not None:
+      from dataweights import sharding
+
+      return sharding.shard_batch(arrays, self.mesh)
+    return jax.device_put(arrays, self.batch_sharding)
+
+  def restore(self, batches: _Batches | None = None,
+              step: int | None = None) -> metrics_lib.History:
+    """Restores ``self.state`` (and the data stream) from a checkpoint.
+
+    Returns:
+      The metric history saved with the checkpoint.
+
+    Raises:
+      CheckpointError: none, corrupt, or incompatible with this run.
+    """
+    if self.ckpt is None:
+      raise CheckpointError("train_cfg.checkpoint_dir is None: no checkpoints")
+    restored = self.ckpt.restore(
+      step, target=abstract_state(self.state, self.shardings),
+      config=self.config,
+      ignore_config=[f"train.{k}" for k in RESUME_MUTABLE_FIELDS],
+    )
+    self.state = restored.state
+    if batches is not None:
+      batches.resume(restored.step, restored.data_state)
+    return metrics_lib.History.from_state_dict(restored.history or {})
+
+  def save(self, batches: _Batches, history: metrics_lib.History) -> None:
+    """Saves the current state, data-stream state and history."""
+    assert self.ckpt is not None
+    self.ckpt.save(
+      int(self.state.step), self.state, data_state=batches.get_state(),
+      history=history.state_dict(), config=self.config,
+    )
+
+  def run(
+    self,
+    batches: Any,
+    *,
+    resume: bool = True,
+    steps: int | None = None,
+    eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+  ) -> tuple[TrainState, metrics_lib.History]:
+    """Trains to ``steps`` (default ``train_cfg.steps``) updates.
+
+    Args:
+      batches: a sampler, a batch function or an iterator (module doc).
+      resume: continue from the latest checkpoint in ``checkpoint_dir``
+        (if any). With ``resume=False`` an existing checkpoint is an error,
+        never silently overwritten.
+      steps: stop after this many updates in total (default: the config's);
+        checkpoints are written on ``checkpoint_every`` and at the end.
+      eval_fn: ``eval_fn(model, step) -> {"eval/...": float}`` called every
+        ``train_cfg.eval_every`` steps; merged into the history.
+
+    Returns:
+      ``(state, history)``.
+
+    Raises:
+      NonFiniteError: a step produced NaN/inf (message names the step and
+        metrics); the last good checkpoint is kept.
+      CheckpointError: an existing checkpoint is corrupt or incompatible.
+    """
+    cfg = self.train_cfg
+    total = cfg.steps if steps is None else int(steps)
+    source = _Batches(batches)
+    history = metrics_lib.History()
+    if self.ckpt is not None and self.ckpt.latest_step() is not None:
+      if not resume:
+        raise CheckpointError(
+          f"{self.ckpt.directory} already holds checkpoints (steps "
+          f"{self.ckpt.steps()}); pass resume=True to continue, or use a new "
+          "checkpoint_dir"
+        )
+      history = self.restore(source)
+      history.truncate(int(self.state.step))
+      log.info("resumed from step %d", int(self.state.step))
+    start = int(self.state.step)
+    last_saved = self.ckpt.latest_step() if self.ckpt is not None else None
+    bar = tqdm(total=total, initial=start, disable=not cfg.progress,
+               desc="train", dynamic_ncols=True)
+    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _null()
+    try:
+      with ctx:
+        for s in range(start, total):
+          batch = self.put_batch(source.next(s))
+          new_state, m = self.jit_step(self.state, batch)
+          self.state = new_state
+          m = jax.device_get(m)
+          if m["nonfinite"]:
+            bad = metrics_lib.nonfinite_keys(m) or ["loss", "grad_norm"]
+            where = (f"last good checkpoint: step {last_saved} in "
+                     f"{self.ckpt.directory}" if last_saved is not None
+                     else "no checkpoint was saved yet")
+            raise NonFiniteError(
+              f"non-finite training metrics at step {s + 1}: "
+              f"{', '.join(bad)} (loss={m['loss']}, grad_norm="
+              f"{m['grad_norm']}); the update was not applied and training "
+              f"stopped; {where}",
+              step=s + 1, keys=bad, state=self.state,
+              checkpoint_step=last_saved,
+            )
+          done = s + 1
+          if done % cfg.log_every == 0 or done == total:
+            history.append(done, m)
+          if eval_fn is not None and cfg.eval_every and (
+            done % cfg.eval_every == 0 or done == total
+          ):
+            ev = {k: float(v) for k, v in eval_fn(self.model(), done).items()}
+            if history.rows and history.rows[-1]["step"] == done:
+              history.rows[-1].update(ev)
+            else:
+              history.append(done, ev)
+          bar.update(1)
+          bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+          if self.ckpt is not None and (
+            done % cfg.checkpoint_every == 0 or done == total
+          ):
+            self.save(source, history)
+            last_saved = done
+    finally:
+      bar.close()
+      if self.ckpt is not None:
+        self.ckpt.wait()
+    return self.state, history
+
+  def close(self) -> None:
+    """Waits for pending checkpoint writes."""
+    if self.ckpt is not None:
+      self.ckpt.close()
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def train_lm(
+  model_cfg: Any,
+  train_cfg: TrainConfig,
+  batches: Any,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  resume: bool = True,
+  loss_fn: LossFn = lm_loss,
+  domain_names: Iterable[str] | None = None,
+  extra: dict[str, Any] | None = None,
+  eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+) -> tuple[TrainState, metrics_lib.History]:
+  """Trains a language model end to end (resuming if a checkpoint exists).
+
+  Args:
+    model_cfg: :class:`~dataweights.configs.lm.ModelConfig`.
+    train_cfg: :class:`~dataweights.configs.train.TrainConfig`; set
+      ``checkpoint_dir`` for checkpoints and resume.
+    batches: a sampler (``get_state``/``set_state``), ``batch_fn(step)`` or
+      an iterator of batches (see the module docstring).
+    mesh: device mesh, or None for one device.
+    resume: continue from the latest checkpoint if there is one.
+    loss_fn: per-example loss (default next-token cross-entropy).
+    domain_names: names of the domains for ``loss/domain/{name}`` metrics.
+    extra: method state carried and checkpointed with the run.
+    eval_fn: optional ``eval_fn(model, step) -> dict`` (every ``eval_every``).
+
+  Returns:
+    ``(state, history)``: the final :class:`TrainState` and the
+    :class:`~dataweights.metrics.History`. Rebuild the model with
+    :func:`lm_from_state`.
+
+  Raises:
+    NonFiniteError: NaN/inf during training (last good checkpoint kept).
+    CheckpointError: an unusable checkpoint in ``checkpoint_dir``.
+  """
+  trainer = Trainer(
+    model_cfg, train_cfg, mesh=mesh, loss_fn=loss_fn,
+    domain_names=None if domain_names is None else list(domain_names),
+    extra=extra,
+  )
+  try:
+    return trainer.run(batches, resume=resume, eval_fn=eval_fn)
+  finally:
+    trainer.close()
+
+
+def lm_from_state(model_cfg: Any, state: TrainState) -> nnx.Module:
+  """The :class:`Transformer` with ``state``'s parameters."""
+  from dataweights.models.transformer import Transformer
+
+  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+  return nnx.merge(graphdef, state.params, state.model_state)

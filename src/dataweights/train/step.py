@@ -1,0 +1,234 @@
+"""The pure train step ``train_step(state, batch) -> (state, metrics)``.
+
+:func:`make_train_step` builds it from the static parts and a pluggable
+per-example loss; :func:`jit_train_step` jits it once with explicit in/out
+shardings and donates the state (nanodo's ``train.py`` pattern).
+
+Objective. With per-example losses ``loss_b`` and weights ``weight_b``
+(default 1), the step minimises
+
+  ``L = sum_b weight_b loss_b / sum_b weight_b``.
+
+Weights come from ``batch["weight_B"]`` (per-example weights, e.g. from a
+weighting network) times, if ``state.extra["w_K"]`` is present, the domain
+weights realised per example by
+:func:`dataweights.metrics.domain_to_example_weights` (``w_K[d_b] / n_K``),
+which makes ``L = sum_K w_K L_K / sum_K w_K`` over the domains present: the
+DoReMi / ScaleBiO training objective. Weights are data: no gradient flows
+into them here.
+
+Gradient accumulation. The weights are computed on the whole batch, then
+the batch is split into ``A`` microbatches and ``lax.scan`` sums the
+gradients of ``sum_b weight_b loss_b``; dividing by the total weight gives
+exactly the one-big-batch gradient (up to float summation order).
+
+Non-finite guard. If the loss or the gradient norm is NaN/inf, the update is
+skipped inside the step (the returned state equals the input state) and
+``metrics["nonfinite"]`` is 1; the host loop then stops with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dataweights import metrics as metrics_lib
+from dataweights.train.state import StaticParts, TrainState
+
+Batch = dict[str, jax.Array]
+# loss_fn(model, batch, key) -> loss_B; key is None when no randomness is due.
+LossFn = Callable[[nnx.Module, Batch, jax.Array | None], jax.Array]
+
+
+def lm_loss(model: nnx.Module, batch: Batch, key: jax.Array | None) -> jax.Array:
+  """Per-example next-token cross-entropy (nats/token), the default loss.
+
+  The model reads ``tokens_BxL[:, :-1]`` under plain causal attention and
+  predicts ``tokens_BxL[:, 1:]``; ``mask_BxL[:, 1:]`` (if present) selects
+  the target tokens that count. Right padding needs no attention mask: a
+  causal model never looks at later (padded) positions.
+
+  Args:
+    model: a model mapping ``tokens_BxL`` to ``logits_BxLxV``; given a
+      ``dropout_key`` keyword when ``key`` is not None.
+    batch: ``{"tokens_BxL": int, "mask_BxL": optional loss mask}``.
+    key: dropout key or None.
+
+  Returns:
+    loss_B, float32.
+  """
+  from dataweights.models.transformer import per_example_loss
+
+  tokens_BxL = batch["tokens_BxL"]
+  mask_BxL = batch.get("mask_BxL")
+  kwargs = {} if key is None else {"dropout_key": key}
+  logits_BxLxV = model(tokens_BxL[:, :-1], **kwargs)
+  target_mask = None if mask_BxL is None else mask_BxL[:, 1:]
+  return per_example_loss(logits_BxLxV, tokens_BxL[:, 1:], target_mask)
+
+
+def example_weights(batch: Batch, extra: dict[str, Any]) -> jax.Array:
+  """The per-example weights of the objective (see the module docstring)."""
+  batch_size = jax.tree.leaves(batch)[0].shape[0]
+  weight_B = jnp.ones((batch_size,), jnp.float32)
+  if "weight_B" in batch:
+    weight_B = weight_B * jnp.asarray(batch["weight_B"], jnp.float32)
+  if "w_K" in extra:
+    if "domain_B" not in batch:
+      raise ValueError(
+        "state.extra has domain weights 'w_K' but the batch has no "
+        "'domain_B'; domain weights need the domain id of every example"
+      )
+    weight_B = weight_B * metrics_lib.domain_to_example_weights(
+      batch["domain_B"], extra["w_K"]
+    )
+  return jax.lax.stop_gradient(weight_B)
+
+
+def _split_microbatches(batch: Batch, num: int) -> Batch:
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(
+        f"batch of {x.shape[0]} examples cannot be split into "
+        f"accumulation_steps = {num} equal microbatches"
+      )
+    return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(
+  static: StaticParts,
+  *,
+  loss_fn: LossFn = lm_loss,
+  accumulation_steps: int = 1,
+  domain_names: Sequence[str] | None = None,
+  schedule: optax.Schedule | None = None,
+  use_rng: bool = False,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the pure step ``train_step(state, batch) -> (state, metrics)``.
+
+  Args:
+    static: graphdef and optax transformation.
+    loss_fn: ``loss_fn(model, batch, key) -> loss_B`` (see :func:`lm_loss`).
+    accumulation_steps: microbatches per update; must divide the batch.
+    domain_names: names of the K domains; with ``batch["domain_B"]`` the
+      metrics get ``loss/domain/{name}`` and ``count/domain/{name}``.
+    schedule: the learning-rate schedule, reported as ``lr``.
+    use_rng: pass ``fold_in(fold_in(rng, step), microbatch)`` to ``loss_fn``
+      (dropout); otherwise ``key`` is None.
+
+  Returns:
+    The pure step function. Metrics (float32 scalars): ``loss`` (the
+    weighted objective), ``loss/mean`` (unweighted mean of loss_B),
+    ``grad_norm``, ``param_norm``, ``update_norm``, ``weight_sum``,
+    ``nonfinite``, ``lr`` (with a schedule) and per-domain keys.
+  """
+  num_micro = int(accumulation_steps)
+  if num_micro < 1:
+    raise ValueError(f"accumulation_steps = {num_micro} must be >= 1")
+
+  def weighted_sum(params, model_state, micro, key):
+    model = nnx.merge(static.graphdef, params, model_state, copy=True)
+    loss_B = loss_fn(model, micro, key).astype(jnp.float32)
+    if loss_B.ndim != 1:
+      raise ValueError(
+        f"loss_fn must return per-example losses of shape (B,); got "
+        f"{loss_B.shape}"
+      )
+    return jnp.sum(micro["weight_B"] * loss_B), loss_B
+
+  grad_fn = jax.value_and_grad(weighted_sum, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    batch = dict(batch)
+    batch["weight_B"] = example_weights(batch, state.extra)
+    step_key = state.step_key() if use_rng else None
+    if num_micro == 1:
+      (total, loss_B), grads = grad_fn(
+        state.params, state.model_state, batch, step_key
+      )
+    else:
+      micro_AxB = _split_microbatches(batch, num_micro)
+
+      def body(carry, inp):
+        g_acc, t_acc = carry
+        i, micro = inp
+        key = None if step_key is None else jax.random.fold_in(step_key, i)
+        (t, loss_b), g = grad_fn(state.params, state.model_state, micro, key)
+        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t), loss_b
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, total), loss_AxB = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32)),
+        (jnp.arange(num_micro), micro_AxB),
+      )
+      loss_B = loss_AxB.reshape(-1)
+    weight_sum = jnp.sum(batch["weight_B"])
+    denom = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    loss = total / denom
+    updates, opt_state = static.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    grad_norm = metrics_lib.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state
+    )
+    # Skip the update on NaN/inf: the host loop stops on `nonfinite`.
+    new_state = jax.tree.map(
+      lambda new, old: jnp.where(ok, new, old), new_state, state
+    )
+    out = {
+      "loss": loss,
+      "loss/mean": jnp.mean(loss_B),
+      "grad_norm": grad_norm,
+      "update_norm": metrics_lib.global_norm(updates),
+      "param_norm": metrics_lib.global_norm(new_state.params),
+      "weight_sum": weight_sum,
+      "nonfinite": 1.0 - ok.astype(jnp.float32),
+    }
+    if schedule is not None:
+      out["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if domain_names is not None and "domain_B" in batch:
+      loss_K, count_K = metrics_lib.per_domain_mean(
+        loss_B, batch["domain_B"], len(domain_names)
+      )
+      out.update(metrics_lib.domain_metrics(loss_K, count_K, domain_names))
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+    return new_state, out
+
+  return train_step
+
+
+def jit_train_step(
+  train_step: Callable[..., Any],
+  state_shardings: Any,
+  batch_sharding: Any,
+  metrics_sharding: Any,
+) -> Callable[..., Any]:
+  """``jax.jit`` with explicit shardings and the state donated.
+
+  Args:
+    train_step: the pure step from :func:`make_train_step`.
+    state_shardings: ``TrainState``-shaped pytree of shardings.
+    batch_sharding: one sharding for every batch array (leading axis split
+      over the data axes), or a dict of them.
+    metrics_sharding: sharding of the metric scalars (replicated).
+
+  Returns:
+    The jitted step; the input state's buffers are donated, so do not use
+    the state passed in after the call.
+  """
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, metrics_sharding),
+    donate_argnums=(0,),
+  )
