@@ -1,0 +1,463 @@
+"""A GPT-2-style decoder-only transformer in Flax NNX, with per-example losses.
+
+Architecture (Radford et al. 2019, "Language Models are Unsupervised
+Multitask Learners", and the released GPT-2 code): token embedding ``wte``
+plus learned position embedding ``wpe``; ``num_layers`` pre-LayerNorm blocks
+
+  x = x + Attn(LN_1(x)),    x = x + MLP(LN_2(x)),   MLP(h) = W_2 gelu_tanh(W_1 h)
+
+with causal multi-head attention and biases everywhere; a final LayerNorm
+``ln_f``; logits ``x @ wte.T`` (tied) or ``x @ head`` (untied).
+
+Every parameter carries logical axis names (``out_sharding`` metadata) that
+:data:`dataweights.sharding.RULES` maps to mesh axes:
+
+  ============  =====================================================
+  ``vocab``     V, rows of ``wte`` / columns of ``head``
+  ``embed``     D, the residual width
+  ``length``    L, rows of the position table
+  ``heads``     H, attention heads
+  ``kv``        Dh, width of one head
+  ``mlp``       F, MLP hidden width
+  ``norm``      D-sized vectors: LayerNorm scale/bias, residual biases
+  ============  =====================================================
+
+Creating the model outside a mesh gives ordinary single-device arrays;
+inside ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(RULES)`` (what
+:func:`dataweights.sharding.create_sharded` does) parameters are born in
+their shards.
+
+Functional use (hypergradients, per-example gradients)::
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  def loss(params, tokens_BxL):
+    return next_token_loss(nnx.merge(graphdef, params), tokens_BxL).mean()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+from dataweights.configs.lm import ModelConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _mesh_active() -> bool:
+  return not jax.sharding.get_abstract_mesh().empty
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+  """Adds leading unit axes so ``v`` broadcasts against rank ``ndim``."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def _param(
+  key: jax.Array | None,
+  shape: Sequence[int],
+  names: tuple[str | None, ...],
+  dtype: jnp.dtype,
+  *,
+  std: float | None = None,
+  fill: float = 0.0,
+) -> nnx.Param:
+  """A parameter: normal(0, std) if ``std`` else constant ``fill``."""
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {names} do not match shape {shape}")
+  if std is None:
+    value = jnp.full(shape, fill, dtype)
+  else:
+    value = std * jax.random.normal(key, shape, dtype)
+  return nnx.Param(value, out_sharding=names)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32 (GPT-2's ``ln_*``)."""
+
+  def __init__(self, d: int, *, eps: float, dtype, param_dtype):
+    self.scale = _param(None, (d,), ("norm",), param_dtype, fill=1.0)
+    self.bias = _param(None, (d,), ("norm",), param_dtype, fill=0.0)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    scale = _lead(self.scale[...].astype(jnp.float32), y.ndim)
+    y = y * scale + _lead(self.bias[...].astype(jnp.float32), y.ndim)
+    return y.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+  """``y = x . kernel + bias`` contracting the last ``len(in_shape)`` axes.
+
+  The kernel has shape ``in_shape + out_shape`` (e.g. D x H x Dh for the
+  query projection), the bias ``out_shape``.
+  """
+
+  def __init__(
+    self,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    in_names: tuple[str, ...],
+    out_names: tuple[str, ...],
+    *,
+    std: float,
+    use_bias: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    bias_names: tuple[str, ...] | None = None,
+  ):
+    self.kernel = _param(
+      rngs.params(),
+      in_shape + out_shape,
+      in_names + out_names,
+      param_dtype,
+      std=std,
+    )
+    self.bias = (
+      _param(None, out_shape, bias_names or out_names, param_dtype)
+      if use_bias
+      else None
+    )
+    self.num_in = len(in_shape)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.tensordot(
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      axes=self.num_in,
+    )
+    if self.bias is not None:
+      y = y + _lead(self.bias[...].astype(self.dtype), y.ndim)
+    return y
+
+
+def _dropout(
+  x: jax.Array, rate: float, key: jax.Array | None, salt: int
+) -> jax.Array:
+  if rate == 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(
+    jax.random.fold_in(key, salt), 1.0 - rate, x.shape
+  )
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention (GPT-2's ``attn``: c_attn, c_proj)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    d, h, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
+    kw = dict(use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+    qkv = dict(
+      in_shape=(d,),
+      out_shape=(h, dh),
+      in_names=("embed",),
+      out_names=("heads", "kv"),
+      std=cfg.init_std,
+      **kw,
+    )
+    self.query = Dense(**qkv)
+    self.key = Dense(**qkv)
+    self.value = Dense(**qkv)
+    self.out = Dense(
+      (h, dh),
+      (d,),
+      ("heads", "kv"),
+      ("embed",),
+      std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+      bias_names=("norm",),
+      **kw,
+    )
+
+  def __call__(
+    self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None
+  ) -> jax.Array:
+    q_BxLxHxDh = self.query(x_BxLxD)
+    k_BxLxHxDh = self.key(x_BxLxD)
+    v_BxLxHxDh = self.value(x_BxLxD)
+    if mask_Bx1xLxL is None:
+      y_BxLxHxDh = jax.nn.dot_product_attention(
+        q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, is_causal=True
+      )
+    else:
+      y_BxLxHxDh = jax.nn.dot_product_attention(
+        q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=mask_Bx1xLxL
+      )
+    return self.out(y_BxLxHxDh)
+
+
+class MLP(nnx.Module):
+  """GPT-2's ``mlp``: ``c_proj(gelu_tanh(c_fc(x)))``."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    kw = dict(use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.fc = Dense(
+      (cfg.d_model,),
+      (cfg.d_mlp,),
+      ("embed",),
+      ("mlp",),
+      std=cfg.init_std,
+      **kw,
+    )
+    self.proj = Dense(
+      (cfg.d_mlp,),
+      (cfg.d_model,),
+      ("mlp",),
+      ("embed",),
+      std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+      bias_names=("norm",),
+      **kw,
+    )
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    return self.proj(jax.nn.gelu(self.fc(x_BxLxD), approximate=True))
+
+
+class Block(nnx.Module):
+  """One pre-LayerNorm transformer block (GPT-2's ``h.{i}``)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    ln = dict(eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
+    self.ln_1 = LayerNorm(cfg.d_model, **ln)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ln_2 = LayerNorm(cfg.d_model, **ln)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.dropout = cfg.dropout
+
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    mask_Bx1xLxL: jax.Array | None,
+    key: jax.Array | None,
+  ) -> jax.Array:
+    a = self.attn(self.ln_1(x_BxLxD), mask_Bx1xLxL)
+    x_BxLxD = x_BxLxD + _dropout(a, self.dropout, key, 0)
+    m = self.mlp(self.ln_2(x_BxLxD))
+    return x_BxLxD + _dropout(m, self.dropout, key, 1)
+
+
+def _block_call(block, x, mask, key):
+  return block(x, mask, key)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer; ``model(tokens_BxL) -> logits_BxLxV``.
+
+  Args:
+    cfg: the architecture (:class:`dataweights.configs.lm.ModelConfig`).
+    rngs: ``nnx.Rngs`` with a ``params`` stream (or a default seed).
+
+  Raises:
+    ValueError: created inside a mesh (``jax.set_mesh``) without logical
+      axis rules; use :func:`dataweights.sharding.create_sharded`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    eager = _mesh_active()
+    if eager and not core_spmd.get_logical_axis_rules():
+      raise ValueError(
+        "Transformer created inside a mesh without logical axis rules; "
+        "create it with dataweights.sharding.create_sharded(...) or inside "
+        "nnx.logical_axis_rules(dataweights.sharding.RULES)"
+      )
+    with nnx.use_eager_sharding(eager):
+      self._build(cfg, rngs)
+
+  def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = _DTYPES[cfg.param_dtype]
+    self.wte = _param(
+      rngs.params(),
+      (cfg.vocab_size, cfg.d_model),
+      ("vocab", "embed"),
+      pdt,
+      std=cfg.init_std,
+    )
+    self.wpe = _param(
+      rngs.params(),
+      (cfg.max_len, cfg.d_model),
+      ("length", "embed"),
+      pdt,
+      std=cfg.init_std / 2,
+    )
+    self.blocks = nnx.List(
+      [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+    )
+    self.ln_f = LayerNorm(
+      cfg.d_model,
+      eps=cfg.layer_norm_eps,
+      dtype=_DTYPES[cfg.dtype],
+      param_dtype=pdt,
+    )
+    self.head = (
+      None
+      if cfg.tie_embeddings
+      else _param(
+        rngs.params(),
+        (cfg.d_model, cfg.vocab_size),
+        ("embed", "vocab"),
+        pdt,
+        std=cfg.init_std,
+      )
+    )
+
+  def __call__(
+    self,
+    tokens_BxL: jax.Array,
+    *,
+    mask_BxL: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
+  ) -> jax.Array:
+    """Next-token logits.
+
+    Args:
+      tokens_BxL: integer token ids in ``[0, vocab_size)``; ``L <= max_len``.
+      mask_BxL: optional padding mask, true (or 1) at real tokens. Keys at
+        padded positions are hidden from every query (a padded query still
+        sees itself, so no softmax row is empty); logits at padded positions
+        are meaningless and should be masked out of the loss.
+      dropout_key: PRNG key enabling dropout (if ``cfg.dropout > 0``);
+        ``None`` evaluates deterministically.
+
+    Returns:
+      logits_BxLxV in float32, whatever the compute dtype.
+
+    Raises:
+      ValueError: wrong rank, or sequence longer than ``max_len``.
+    """
+    cfg = self.cfg
+    if tokens_BxL.ndim != 2:
+      raise ValueError(
+        f"tokens must have shape (batch, length); got {tokens_BxL.shape}"
+      )
+    length = tokens_BxL.shape[1]
+    if length > cfg.max_len:
+      raise ValueError(
+        f"sequence length {length} exceeds ModelConfig.max_len = {cfg.max_len}"
+      )
+    dt = _DTYPES[cfg.dtype]
+    mask_Bx1xLxL = None
+    if mask_BxL is not None:
+      if mask_BxL.shape != tokens_BxL.shape:
+        raise ValueError(
+          f"mask shape {mask_BxL.shape} != tokens shape {tokens_BxL.shape}"
+        )
+      causal_LxL = jnp.tril(jnp.ones((length, length), bool))
+      eye_LxL = jnp.eye(length, dtype=bool)
+      keys_Bx1x1xL = mask_BxL.astype(bool)[:, None, None, :]
+      mask_Bx1xLxL = causal_LxL[None, None] & (
+        keys_Bx1x1xL | eye_LxL[None, None]
+      )
+
+    x_BxLxD = jnp.take(self.wte[...], tokens_BxL, axis=0).astype(dt)
+    x_BxLxD = x_BxLxD + self.wpe[...][None, :length].astype(dt)
+    if dropout_key is not None:
+      embed_key = jax.random.fold_in(dropout_key, cfg.num_layers)
+      x_BxLxD = _dropout(x_BxLxD, cfg.dropout, embed_key, 0)
+    call = nnx.remat(_block_call) if cfg.remat else _block_call
+    for i, block in enumerate(self.blocks):
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      x_BxLxD = call(block, x_BxLxD, mask_Bx1xLxL, key)
+    x_BxLxD = self.ln_f(x_BxLxD)
+    if self.head is None:
+      logits = jnp.einsum(
+        "bld,vd->blv",
+        x_BxLxD,
+        self.wte[...].astype(dt),
+        preferred_element_type=jnp.float32,
+      )
+    else:
+      logits = jnp.einsum(
+        "bld,dv->blv",
+        x_BxLxD,
+        self.head[...].astype(dt),
+        preferred_element_type=jnp.float32,
+      )
+    return logits.astype(jnp.float32)
+
+
+def per_token_loss(
+  logits_BxLxV: jax.Array,
+  targets_BxL: jax.Array,
+  mask_BxL: jax.Array | None = None,
+) -> jax.Array:
+  """Cross-entropy ``-log softmax(logits)[target]`` per token, 0 where masked.
+
+  Args:
+    logits_BxLxV: unnormalised log-probabilities.
+    targets_BxL: integer ids.
+    mask_BxL: optional weights (1 = count the token, 0 = ignore).
+
+  Returns:
+    loss_BxL in float32 (nats).
+  """
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  loss_BxL = -jnp.take_along_axis(
+    logp_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
+  )[..., 0]
+  if mask_BxL is not None:
+    loss_BxL = loss_BxL * mask_BxL.astype(jnp.float32)
+  return loss_BxL
+
+
+def per_example_loss(
+  logits_BxLxV: jax.Array,
+  targets_BxL: jax.Array,
+  mask_BxL: jax.Array | None = None,
+) -> jax.Array:
+  """Mean cross-entropy over each example's unmasked tokens.
+
+  An example with no unmasked token gets loss 0 (safe denominator).
+
+  Returns:
+    loss_B in float32 (nats per token).
+  """
+  loss_BxL = per_token_loss(logits_BxLxV, targets_BxL, mask_BxL)
+  if mask_BxL is None:
+    return loss_BxL.mean(-1)
+  count_B = mask_BxL.astype(jnp.float32).sum(-1)
+  return loss_BxL.sum(-1) / jnp.maximum(count_B, 1.0)
+
+
+def next_token_loss(
+  model: Transformer,
+  tokens_BxL: jax.Array,
+  mask_BxL: jax.Array | None = None,
+  *,
+  dropout_key: jax.Array | None = None,
+) -> jax.Array:
+  """Per-example language-modelling loss: predict ``tokens[:, 1:]``.
+
+  The model reads ``tokens[:, :-1]``; the loss averages over target
+  positions whose mask is set (``mask[:, 1:]``).
+
+  Args:
+    model: the transformer.
+    tokens_BxL: token ids, ``L - 1 <= max_len``.
+    mask_BxL: optional padding mask (true at real tokens).
+    dropout_key: optional key enabling dropout.
+
+  Returns:
+    loss_B, mean nats per predicted token of each example.
+  """
+  inputs_BxL = tokens_BxL[:, :-1]
+  targets_BxL = tokens_BxL[:, 1:]
+  in_mask = None if mask_BxL is None else mask_BxL[:, :-1]
+  logits_BxLxV = model(inputs_BxL, mask_BxL=in_mask, dropout_key=dropout_key)
+  tgt_mask = None if mask_BxL is None else mask_BxL[:, 1:]
+  return per_example_loss(logits_BxLxV, targets_BxL, tgt_mask)
