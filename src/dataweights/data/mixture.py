@@ -1,0 +1,414 @@
+"""A resumable mixture sampler whose domain weights may change every step.
+
+Semantics follow levanter's ``MixtureDataset`` (weights are validated and
+normalised; sampling is deterministic so resume is exact) with two changes
+the online reweighting methods need: the weights ``w_K`` may be replaced at
+every step, and every batch says which domain each row came from.
+
+**Determinism.** The domains of step ``s`` are ``B`` independent draws from
+``Categorical(w_K)`` (the weights in force at that step) with the generator
+``np.random.default_rng([seed, stream, 0, s])``: they depend only on
+``(seed, stream, s, w_K)``, not on earlier weights. Within a domain, rows are
+filled by a :class:`~dataweights.data.pipeline.DomainCursor` (a seeded
+permutation per epoch). The full state, :meth:`MixtureSampler.get_state`, is a
+small JSON-able dict (step, weights, one ``[docs_done, offset]`` per domain);
+restoring it makes the following batches identical to an uninterrupted
+run's.
+
+Example:
+  >>> from dataweights.data.pipeline import DomainSource
+  >>> a = DomainSource("a", [{"text": b"aaaa"}] * 3)
+  >>> b = DomainSource("b", [{"text": b"bb"}] * 5)
+  >>> s = MixtureSampler([a, b], batch_size=4, seq_len=8, seed=0)
+  >>> batch = s.next_batch([0.25, 0.75])
+  >>> batch["tokens_BxL"].shape, batch["domain_B"].dtype
+  ((4, 8), dtype('int32'))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dataweights.data import tokenize
+from dataweights.data.pipeline import (
+  PACKINGS,
+  DomainCursor,
+  DomainSource,
+  PipelineConfig,
+)
+
+STATE_FORMAT = "dataweights.mixture/1"
+
+
+def validate_weights(
+  weights: Any, names: Sequence[str], *, normalise: bool = True
+) -> np.ndarray:
+  """Checks mixture weights and returns them as a float64 ``w_K``.
+
+  Args:
+    weights: ``K`` non-negative finite numbers (a list, numpy or JAX array),
+      or a mapping ``{domain name: weight}`` (domains left out get 0).
+    names: the ``K`` domain names, in order.
+    normalise: divide by the sum.
+
+  Returns:
+    ``w_K`` (float64), summing to one if ``normalise``.
+
+  Raises:
+    ValueError: wrong shape or length, a non-numeric, negative or non-finite
+      weight, all weights zero, or an unknown domain name; the message names
+      the bad value and what is allowed.
+  """
+  names = list(names)
+  k = len(names)
+  if isinstance(weights, Mapping):
+    unknown = [n for n in weights if n not in names]
+    if unknown:
+      raise ValueError(
+        f"unknown domain {unknown[0]!r} in weights; allowed domains are "
+        + ", ".join(repr(n) for n in names)
+      )
+    weights = [weights.get(n, 0.0) for n in names]
+  try:
+    w_K = np.asarray(weights, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+      f"weights {weights!r} are not numbers; expected {k} non-negative "
+      f"finite numbers (one per domain: {', '.join(names)})"
+    ) from e
+  if w_K.shape != (k,):
+    raise ValueError(
+      f"weights have shape {w_K.shape}; expected shape ({k},), one weight per "
+      f"domain ({', '.join(names)})"
+    )
+  for i, w in enumerate(w_K):
+    if not math.isfinite(w) or w < 0:
+      raise ValueError(
+        f"weights[{i}] = {w!r} (domain {names[i]!r}) is invalid; weights "
+        "must be finite and >= 0"
+      )
+  total = float(w_K.sum())
+  if not total > 0:
+    raise ValueError(
+      f"weights {w_K.tolist()} sum to 0; at least one weight must be > 0"
+    )
+  return w_K / total if normalise else w_K
+
+
+def natural_weights(domains: Sequence[DomainSource]) -> np.ndarray:
+  """Weights proportional to each domain's number of documents."""
+  n_K = np.array([len(d) for d in domains], dtype=np.float64)
+  return n_K / n_K.sum()
+
+
+class MixtureSampler:
+  """Draws batches of rows from K domains under changing weights.
+
+  Args:
+    domains: the K :class:`DomainSource` s (distinct names).
+    batch_size: B, rows per batch.
+    seq_len: L, tokens per row.
+    packing: ``"pack"`` or ``"pad"`` (see :mod:`dataweights.data.pipeline`).
+    seed: seed of the domain draws and of the permutations.
+    weights: initial weights (see :func:`validate_weights`); default
+      :func:`natural_weights`.
+    stream: an integer that makes this sampler's randomness independent of
+      another sampler's with the same seed (e.g. generic vs specific).
+
+  Raises:
+    ValueError: no domains, duplicate names, bad sizes or weights.
+  """
+
+  def __init__(
+    self,
+    domains: Sequence[DomainSource],
+    *,
+    batch_size: int,
+    seq_len: int,
+    packing: str = "pack",
+    seed: int = 0,
+    weights: Any = None,
+    stream: int = 0,
+  ):
+    domains = list(domains)
+    if not domains:
+      raise ValueError("MixtureSampler needs at least one domain; got none")
+    names = [d.name for d in domains]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise ValueError(f"duplicate domain name(s) {dup}; names must be unique")
+    for field, value, low in (
+      ("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
+      ("seed", seed, 0), ("stream", stream, 0),
+    ):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) \
+          or value < low:
+        raise ValueError(
+          f"{field} = {value!r} is invalid; it must be an integer >= {low}"
+        )
+    if packing not in PACKINGS:
+      raise ValueError(
+        f"packing = {packing!r} is invalid; allowed values are "
+        + ", ".join(repr(p) for p in PACKINGS)
+      )
+    self.domains = domains
+    self.names: tuple[str, ...] = tuple(names)
+    self.batch_size, self.seq_len = int(batch_size), int(seq_len)
+    self.packing, self.seed, self.stream = packing, int(seed), int(stream)
+    self._cursors = [
+      DomainCursor(d, self.seed, self.stream, k) for k, d in enumerate(domains)
+    ]
+    self.step = 0
+    self._w_K = (
+      natural_weights(domains) if weights is None
+      else validate_weights(weights, self.names)
+    )
+
+  @property
+  def num_domains(self) -> int:
+    """K."""
+    return len(self.domains)
+
+  @property
+  def weights(self) -> np.ndarray:
+    """The current normalised weights ``w_K`` (a copy)."""
+    return self._w_K.copy()
+
+  def set_weights(self, weights: Any) -> None:
+    """Replaces the weights used from the next batch on.
+
+    Raises:
+      ValueError: see :func:`validate_weights`.
+    """
+    self._w_K = validate_weights(weights, self.names)
+
+  def domain_index(self, name: str) -> int:
+    """The index of domain ``name``.
+
+    Raises:
+      ValueError: unknown domain, listing the known ones.
+    """
+    if name not in self.names:
+      raise ValueError(
+        f"unknown domain {name!r}; allowed domains are "
+        + ", ".join(repr(n) for n in self.names)
+      )
+    return self.names.index(name)
+
+  def draw_domains(self, step: int, weights: Any = None) -> np.ndarray:
+    """The domains ``domain_B`` of ``step`` (no state change).
+
+    Args:
+      step: the step index.
+      weights: the weights to use (default: the current ones).
+
+    Returns:
+      ``int32`` array of B domain indices.
+    """
+    w_K = self._w_K if weights is None else validate_weights(weights, self.names)
+    rng = np.random.default_rng([self.seed, self.stream, 0, int(step)])
+    # Inverse-CDF draws: B uniforms, searchsorted in the cumulative weights.
+    cdf_K = np.cumsum(w_K)
+    cdf_K /= cdf_K[-1]
+    u_B = rng.random(self.batch_size)
+    domain_B = np.searchsorted(cdf_K, u_B, side="right")
+    # Guard against float round-off landing on a zero-weight domain.
+    domain_B = np.minimum(domain_B, self.num_domains - 1)
+    return domain_B.astype(np.int32)
+
+  def next_batch(self, weights: Any = None) -> dict[str, np.ndarray]:
+    """The next batch; ``weights``, if given, replace the current ones first.
+
+    Args:
+      weights: new weights for this and later steps (see
+        :func:`validate_weights`), e.g. the output of an online reweighting
+        method at this step; ``None`` keeps the current weights.
+
+    Returns:
+      ``{"tokens_BxL": int32, "mask_BxL": bool, "domain_B": int32}``.
+
+    Raises:
+      ValueError: bad weights (the sampler is left unchanged).
+    """
+    if weights is not None:
+      self.set_weights(weights)
+    domain_B = self.draw_domains(self.step)
+    tokens_BxL = np.full(
+      (self.batch_size, self.seq_len), tokenize.PAD_ID, dtype=np.int32
+    )
+    mask_BxL = np.zeros((self.batch_size, self.seq_len), dtype=bool)
+    for b, d in enumerate(domain_B):
+      n = self._cursors[d].fill(tokens_BxL[b], self.packing)
+      mask_BxL[b, :n] = True
+    self.step += 1
+    return {"tokens_BxL": tokens_BxL, "mask_BxL": mask_BxL, "domain_B": domain_B}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return self.next_batch()
+
+  def _config(self) -> dict[str, Any]:
+    return {
+      "seed": self.seed,
+      "stream": self.stream,
+      "batch_size": self.batch_size,
+      "seq_len": self.seq_len,
+      "packing": self.packing,
+      "domains": list(self.names),
+      "num_docs": [len(d) for d in self.domains],
+    }
+
+  def get_state(self) -> dict[str, Any]:
+    """The full state as a JSON-able dict (config, step, weights, cursors)."""
+    return {
+      "format": STATE_FORMAT,
+      **self._config(),
+      "step": self.step,
+      # float64 -> Python float -> JSON repr round-trips exactly.
+      "weights": [float(w) for w in self._w_K],
+      "cursors": [c.get_state() for c in self._cursors],
+    }
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores :meth:`get_state`'s output.
+
+    Args:
+      state: a state from a sampler with the same domains and config.
+
+    Raises:
+      ValueError: the state is not a mixture state, or it was saved by a
+        sampler with other domains, sizes, seed or packing (the message
+        names the field, the saved value and this sampler's value).
+    """
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+      got = state.get("format") if isinstance(state, Mapping) else type(state)
+      raise ValueError(
+        f"not a mixture sampler state (format {got!r}); expected format "
+        f"{STATE_FORMAT!r} from MixtureSampler.get_state()"
+      )
+    for key, mine in self._config().items():
+      saved = state.get(key)
+      if saved != mine:
+        raise ValueError(
+          f"saved sampler state has {key} = {saved!r} but this sampler has "
+          f"{key} = {mine!r}; restore into a sampler built with the same "
+          "domains and config"
+        )
+    step = state.get("step")
+    if not isinstance(step, int) or step < 0:
+      raise ValueError(f"saved step = {step!r} is invalid; it must be an int >= 0")
+    cursors = state.get("cursors")
+    if not isinstance(cursors, Sequence) or len(cursors) != self.num_domains:
+      raise ValueError(
+        f"saved cursors = {cursors!r} are invalid; expected one "
+        f"[docs_done, offset] per domain ({self.num_domains})"
+      )
+    w_K = validate_weights(state.get("weights"), self.names)
+    for cursor, c in zip(self._cursors, cursors, strict=True):
+      cursor.set_state(c)
+    self.step, self._w_K = step, w_K
+
+
+class FilterStreams:
+  """The two streams of online data selection (Grangier et al., §2).
+
+  Each step gives a big generic batch of ``G = B * downsampling`` rows drawn
+  from the generic pool (to be scored and filtered down to B) and a small
+  specific batch from the target domain.
+
+  Args:
+    generic: the generic pool's domains.
+    specific: the target domain.
+    cfg: shapes, packing and seed.
+    generic_weights: weights over the generic domains; default
+      :func:`natural_weights` (the pool as it comes).
+
+  Raises:
+    ValueError: the specific domain is also in the generic pool, or bad
+      weights.
+  """
+
+  def __init__(
+    self,
+    generic: Sequence[DomainSource],
+    specific: DomainSource,
+    cfg: PipelineConfig,
+    generic_weights: Any = None,
+  ):
+    if specific.name in [d.name for d in generic]:
+      raise ValueError(
+        f"specific domain {specific.name!r} is also in the generic pool; "
+        "keep the target out of the generic domains"
+      )
+    common = dict(seq_len=cfg.seq_len, packing=cfg.packing, seed=cfg.seed)
+    self.generic = MixtureSampler(
+      generic, batch_size=cfg.generic_batch_size, weights=generic_weights,
+      stream=1, **common,
+    )
+    self.specific = MixtureSampler(
+      [specific], batch_size=cfg.specific_batch_size, stream=2, **common
+    )
+
+  def next(
+    self, generic_weights: Any = None
+  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(big generic batch with G rows, specific batch)``."""
+    return self.generic.next_batch(generic_weights), self.specific.next_batch()
+
+  def get_state(self) -> dict[str, Any]:
+    """Both samplers' states (JSON-able)."""
+    return {
+      "generic": self.generic.get_state(),
+      "specific": self.specific.get_state(),
+    }
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores :meth:`get_state`'s output.
+
+    Raises:
+      ValueError: see :meth:`MixtureSampler.set_state`.
+    """
+    if not isinstance(state, Mapping) or set(state) != {"generic", "specific"}:
+      raise ValueError(
+        "not a FilterStreams state; expected a dict with keys 'generic' and "
+        "'specific' from FilterStreams.get_state()"
+      )
+    self.generic.set_state(state["generic"])
+    self.specific.set_state(state["specific"])
+
+
+def split_specific(
+  domains: Sequence[DomainSource], specific: str
+) -> tuple[list[DomainSource], DomainSource]:
+  """Splits domains into the generic pool and the named target domain.
+
+  Raises:
+    ValueError: unknown domain name, listing the allowed ones.
+  """
+  names = [d.name for d in domains]
+  if specific not in names:
+    raise ValueError(
+      f"unknown domain {specific!r}; allowed domains are "
+      + ", ".join(repr(n) for n in names)
+    )
+  target = domains[names.index(specific)]
+  return [d for d in domains if d.name != specific], target
+
+
+def train_sampler(
+  domains: Sequence[DomainSource],
+  cfg: PipelineConfig,
+  weights: Any = None,
+  stream: int = 0,
+) -> MixtureSampler:
+  """A :class:`MixtureSampler` with ``cfg``'s training shapes (B x L)."""
+  return MixtureSampler(
+    domains, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+    packing=cfg.packing, seed=cfg.seed, weights=weights, stream=stream,
+  )

@@ -1,0 +1,401 @@
+"""Per-domain document sources, packing, and the pipeline config.
+
+The text pipeline has three layers:
+
+1. **Sources.** A :class:`DomainSource` gives random access to the encoded
+   documents (``int32`` ``[BOS, bytes..., EOS]``, see
+   :mod:`dataweights.data.tokenize`) of one domain. It wraps any record
+   source with ``__len__``/``__getitem__`` (a list of dicts, a
+   ``tfds.data_source``) read through grain
+   (``grain.MapDataset.source(records).map(encode)``), optionally
+   materialised in memory. :func:`group_by_domain` splits one record source
+   into per-domain sources by a ``ClassLabel``-style field.
+2. **Packing.** A :class:`DomainCursor` walks one domain's documents in a
+   fresh seeded permutation every epoch and fills rows of ``seq_len``
+   tokens:
+
+   * ``"pack"``: each row is filled to ``seq_len`` with consecutive
+     documents of its domain (separated by EOS/BOS); a document cut at the
+     end of a row continues at the start of the next row of that domain;
+   * ``"pad"``: each row holds (a piece of) one document, right-padded with
+     :data:`~dataweights.data.tokenize.PAD_ID`; a document longer than a row
+     continues in the next row of that domain.
+
+   Either way no token is dropped or duplicated: the rows a domain receives,
+   concatenated in order, are exactly its documents' tokens in permutation
+   order. ``mask_BxL`` is ``True`` on real tokens and ``False`` on padding.
+3. **Sampling** (:mod:`dataweights.data.mixture`): which domain each row
+   comes from, under weights that may change every step.
+
+Batches are ``{"tokens_BxL": int32, "mask_BxL": bool, "domain_B": int32}``.
+The training step reads ``tokens_BxL[:, :-1]`` and predicts
+``tokens_BxL[:, 1:]``, so ``seq_len`` is the model's context plus one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from dataweights.configs.base import (
+  ConfigError,
+  check_choice,
+  check_int,
+  check_profile,
+  from_profile,
+)
+from dataweights.data import tokenize
+
+PACKINGS: tuple[str, ...] = ("pack", "pad")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PipelineConfig:
+  """Shapes and seeds of the text pipeline.
+
+  Attributes:
+    profile: the preset this config came from (smoke | book | paper).
+    seq_len: L, tokens per row: the model context plus one (the step reads
+      ``tokens_BxL[:, :-1]`` and predicts ``tokens_BxL[:, 1:]``).
+    batch_size: B, rows per training step.
+    downsampling: the online-filtering big batch has ``G = B * downsampling``
+      generic rows per step, scored and filtered down to B.
+    specific_batch_size: rows of the specific (target) batch per step.
+    packing: ``"pack"`` (fill rows with consecutive documents) or ``"pad"``
+      (one document piece per row, right-padded).
+    seed: seed of the domain draws and of the per-epoch permutations.
+  """
+
+  profile: str = "book"
+  seq_len: int = 129
+  batch_size: int = 16
+  downsampling: int = 8
+  specific_batch_size: int = 16
+  packing: str = "pack"
+  seed: int = 0
+
+  def __post_init__(self):
+    check_profile(self.profile)
+    check_int(self, "seq_len", minimum=2)
+    check_int(self, "batch_size", "downsampling", "specific_batch_size")
+    check_int(self, "seed", minimum=0)
+    check_choice(self, "packing", PACKINGS)
+
+  @property
+  def generic_batch_size(self) -> int:
+    """G = B * downsampling: rows of the online-filtering big batch."""
+    return self.batch_size * self.downsampling
+
+  def to_dict(self) -> dict[str, Any]:
+    """The fields as a JSON-able dict."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# seq_len = the LM's max_len + 1 (configs/lm.py: 32, 128, 256); batch sizes
+# follow configs/train.py; paper: Grangier et al. (batch 128, length 256,
+# downsampling 32).
+PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
+  "smoke": dict(
+    seq_len=33, batch_size=4, downsampling=4, specific_batch_size=4
+  ),
+  "book": dict(
+    seq_len=129, batch_size=16, downsampling=8, specific_batch_size=16
+  ),
+  "paper": dict(
+    seq_len=257, batch_size=128, downsampling=32, specific_batch_size=128
+  ),
+}
+
+
+def pipeline(profile: str = "book", **overrides: Any) -> PipelineConfig:
+  """The pipeline config for ``profile`` with ``overrides`` applied.
+
+  Raises:
+    ConfigError: unknown profile, unknown field or invalid value.
+  """
+  return from_profile(PipelineConfig, PIPELINE_PRESETS, profile, overrides)
+
+
+class _IndexedView:
+  """``source[indices[i]]``: a random-access view on part of a source."""
+
+  def __init__(self, source: Any, indices: np.ndarray | None):
+    self._source = source
+    self._indices = indices
+
+  def __len__(self) -> int:
+    return len(self._source) if self._indices is None else len(self._indices)
+
+  def __getitem__(self, i: int) -> Any:
+    if self._indices is None:
+      return self._source[int(i)]
+    return self._source[int(self._indices[i])]
+
+
+def _field_encoder(text_key: str) -> Callable[[Any], np.ndarray]:
+  def encode_record(record: Any) -> np.ndarray:
+    if isinstance(record, Mapping):
+      if text_key not in record:
+        raise KeyError(
+          f"record has no field {text_key!r}; its fields are "
+          + ", ".join(repr(k) for k in record)
+        )
+      return tokenize.encode(record[text_key])
+    return tokenize.encode(record)
+
+  return encode_record
+
+
+class DomainSource:
+  """Random access to the encoded documents of one domain.
+
+  Args:
+    name: the domain's name.
+    records: any random-access source of records (``__len__`` and
+      ``__getitem__``): dicts with a ``text_key`` field, or raw
+      ``bytes``/``str``/``uint8`` arrays.
+    indices: the records of ``records`` that belong to this domain (``None``:
+      all of them).
+    text_key: the field holding the document (bytes, str or a uint8 array).
+    in_memory: encode every document once, now, and keep them (fast random
+      access); otherwise read and encode on demand through grain.
+
+  Raises:
+    ValueError: the domain has no documents.
+  """
+
+  def __init__(
+    self,
+    name: str,
+    records: Any,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    text_key: str = "text",
+    in_memory: bool = True,
+  ):
+    self.name = str(name)
+    idx = None if indices is None else np.asarray(indices, dtype=np.int64)
+    view = _IndexedView(records, idx)
+    if len(view) == 0:
+      raise ValueError(f"domain {self.name!r} has no documents")
+    self._dataset = grain.MapDataset.source(view).map(_field_encoder(text_key))
+    self._docs: list[np.ndarray] | None = None
+    if in_memory:
+      self._docs = list(self._dataset)
+    self._len = len(view)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    """The ``i``-th document of this domain, encoded (``int32``)."""
+    if self._docs is not None:
+      return self._docs[i]
+    return self._dataset[int(i)]
+
+  def num_tokens(self) -> int:
+    """Total encoded tokens (reads every document once if not in memory)."""
+    return int(sum(len(self[i]) for i in range(len(self))))
+
+  def __repr__(self) -> str:
+    return f"DomainSource({self.name!r}, {len(self)} documents)"
+
+
+def group_by_domain(
+  records: Any,
+  *,
+  domain_key: str = "domain",
+  text_key: str = "text",
+  names: Sequence[str] | None = None,
+  in_memory: bool = True,
+) -> list[DomainSource]:
+  """Splits one record source into per-domain sources by a label field.
+
+  Reads every record's ``domain_key`` once. Domains are ordered by label id.
+
+  Args:
+    records: random-access records (dicts with ``text_key`` and
+      ``domain_key``), e.g. a ``tfds.data_source`` of the project's builders.
+    domain_key: the integer (ClassLabel) domain field.
+    text_key: the document field.
+    names: the domain names indexed by label id; by default the
+      ``ClassLabel`` names of a TFDS source if available, else ``"0"``,
+      ``"1"``, ...
+    in_memory: passed to :class:`DomainSource`.
+
+  Returns:
+    One :class:`DomainSource` per label present, in label order.
+
+  Raises:
+    KeyError: a record lacks ``domain_key``.
+    ValueError: a label has no name in ``names``.
+  """
+  labels_M = np.empty(len(records), dtype=np.int64)
+  for i in range(len(records)):
+    record = records[i]
+    if domain_key not in record:
+      raise KeyError(
+        f"record {i} has no field {domain_key!r}; its fields are "
+        + ", ".join(repr(k) for k in record)
+      )
+    labels_M[i] = int(np.asarray(record[domain_key]))
+  if names is None:
+    names = _classlabel_names(records, domain_key)
+  out = []
+  for label in np.unique(labels_M):
+    if names is not None and not 0 <= label < len(names):
+      raise ValueError(
+        f"domain label {label} has no name; names has {len(names)} entries "
+        f"(labels 0..{len(names) - 1})"
+      )
+    name = names[label] if names is not None else str(label)
+    out.append(
+      DomainSource(
+        name, records, np.flatnonzero(labels_M == label),
+        text_key=text_key, in_memory=in_memory,
+      )
+    )
+  return out
+
+
+def _classlabel_names(records: Any, key: str) -> list[str] | None:
+  try:
+    return list(records.dataset_info.features[key].names)
+  except (AttributeError, KeyError, TypeError):
+    return None
+
+
+class DomainCursor:
+  """Walks one domain's documents, a new seeded permutation every epoch.
+
+  The cursor's whole state is ``(docs_done, offset)``: the number of
+  documents fully consumed since the start, and how many tokens of the
+  current one are already in earlier rows. The permutation of epoch ``e`` is
+  ``default_rng([seed, stream, 1, domain, e]).permutation(n)``, so it never
+  needs saving.
+
+  Args:
+    source: the domain's documents.
+    seed: the pipeline seed.
+    stream: distinguishes independent streams drawing from the same domains.
+    domain: the domain's index (part of the permutation seed).
+  """
+
+  def __init__(self, source: DomainSource, seed: int, stream: int, domain: int):
+    self.source = source
+    self._key = (int(seed), int(stream), 1, int(domain))
+    self.docs_done = 0
+    self.offset = 0
+    self._epoch = -1
+    self._perm_N: np.ndarray | None = None
+    self._cached: tuple[int, np.ndarray] | None = None
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The document order of ``epoch`` (indices into the source)."""
+    if epoch != self._epoch:
+      rng = np.random.default_rng([*self._key, epoch])
+      self._perm_N = rng.permutation(len(self.source))
+      self._epoch = epoch
+    assert self._perm_N is not None
+    return self._perm_N
+
+  def document(self, k: int) -> np.ndarray:
+    """The ``k``-th document this cursor visits (counting from 0)."""
+    if self._cached is not None and self._cached[0] == k:
+      return self._cached[1]
+    epoch, j = divmod(k, len(self.source))
+    doc = self.source[int(self.permutation(epoch)[j])]
+    self._cached = (k, doc)
+    return doc
+
+  def fill(self, row_L: np.ndarray, packing: str) -> int:
+    """Writes the next tokens into ``row_L`` and advances.
+
+    Args:
+      row_L: the row to fill (already set to PAD).
+      packing: ``"pack"`` or ``"pad"``.
+
+    Returns:
+      The number of real tokens written (``len(row_L)`` when packing).
+    """
+    length, pos = row_L.shape[0], 0
+    while pos < length:
+      doc = self.document(self.docs_done)
+      take = min(length - pos, doc.shape[0] - self.offset)
+      row_L[pos : pos + take] = doc[self.offset : self.offset + take]
+      pos += take
+      self.offset += take
+      if self.offset == doc.shape[0]:
+        self.docs_done += 1
+        self.offset = 0
+      if packing == "pad":
+        break
+    return pos
+
+  def get_state(self) -> list[int]:
+    """``[docs_done, offset]``."""
+    return [int(self.docs_done), int(self.offset)]
+
+  def set_state(self, state: Sequence[int]) -> None:
+    """Restores ``[docs_done, offset]``.
+
+    Raises:
+      ValueError: malformed state, naming it.
+    """
+    ok = (
+      len(state) == 2
+      and all(isinstance(v, (int, np.integer)) and v >= 0 for v in state)
+    )
+    if ok:
+      ok = int(state[1]) < len(self.document(int(state[0])))
+    if not ok:
+      raise ValueError(
+        f"cursor state {list(state)!r} of domain {self.source.name!r} is "
+        "invalid; it must be [docs_done >= 0, 0 <= offset < document length]"
+      )
+    self.docs_done, self.offset = int(state[0]), int(state[1])
+
+
+def pack_documents(
+  docs: Sequence[np.ndarray], seq_len: int, packing: str = "pack"
+) -> tuple[np.ndarray, np.ndarray]:
+  """Packs encoded documents, in order, into rows (a pure reference).
+
+  Args:
+    docs: encoded documents (``int32``).
+    seq_len: L, tokens per row.
+    packing: ``"pack"`` or ``"pad"`` (see the module docstring).
+
+  Returns:
+    ``(tokens_RxL, mask_RxL)`` with as many rows R as needed; the last row
+    is right-padded in ``"pack"`` mode.
+
+  Raises:
+    ConfigError: unknown ``packing`` or ``seq_len < 1``.
+  """
+  if packing not in PACKINGS:
+    raise ConfigError(
+      f"packing = {packing!r} is invalid; allowed values are "
+      + ", ".join(repr(p) for p in PACKINGS)
+    )
+  if not isinstance(seq_len, int) or seq_len < 1:
+    raise ConfigError(f"seq_len = {seq_len!r} is invalid; it must be an int >= 1")
+  rows: list[np.ndarray] = []
+  if packing == "pack":
+    stream = np.concatenate([np.asarray(d, np.int32) for d in docs] or [[]])
+    for start in range(0, stream.shape[0], seq_len):
+      rows.append(stream[start : start + seq_len])
+  else:
+    for doc in docs:
+      for start in range(0, len(doc), seq_len):
+        rows.append(np.asarray(doc[start : start + seq_len], np.int32))
+  tokens = np.full((len(rows), seq_len), tokenize.PAD_ID, dtype=np.int32)
+  mask = np.zeros((len(rows), seq_len), dtype=bool)
+  for r, row in enumerate(rows):
+    tokens[r, : row.shape[0]] = row
+    mask[r, : row.shape[0]] = True
+  return tokens, mask
