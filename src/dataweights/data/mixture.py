@@ -85,7 +85,7 @@ def validate_weights(
       f"weights have shape {w_K.shape}; expected shape ({k},), one weight per "
       f"domain ({', '.join(names)})"
     )
-  for i, w in enumerate(w_K):
+  for i, w in enumerate(w_K.tolist()):
     if not math.isfinite(w) or w < 0:
       raise ValueError(
         f"weights[{i}] = {w!r} (domain {names[i]!r}) is invalid; weights "
@@ -142,11 +142,16 @@ class MixtureSampler:
     if dup:
       raise ValueError(f"duplicate domain name(s) {dup}; names must be unique")
     for field, value, low in (
-      ("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
-      ("seed", seed, 0), ("stream", stream, 0),
+      ("batch_size", batch_size, 1),
+      ("seq_len", seq_len, 1),
+      ("seed", seed, 0),
+      ("stream", stream, 0),
     ):
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) \
-          or value < low:
+      if (
+        not isinstance(value, (int, np.integer))
+        or isinstance(value, bool)
+        or value < low
+      ):
         raise ValueError(
           f"{field} = {value!r} is invalid; it must be an integer >= {low}"
         )
@@ -164,7 +169,8 @@ class MixtureSampler:
     ]
     self.step = 0
     self._w_K = (
-      natural_weights(domains) if weights is None
+      natural_weights(domains)
+      if weights is None
       else validate_weights(weights, self.names)
     )
 
@@ -209,7 +215,9 @@ class MixtureSampler:
     Returns:
       ``int32`` array of B domain indices.
     """
-    w_K = self._w_K if weights is None else validate_weights(weights, self.names)
+    w_K = (
+      self._w_K if weights is None else validate_weights(weights, self.names)
+    )
     rng = np.random.default_rng([self.seed, self.stream, 0, int(step)])
     # Inverse-CDF draws: B uniforms, searchsorted in the cumulative weights.
     cdf_K = np.cumsum(w_K)
@@ -245,7 +253,11 @@ class MixtureSampler:
       n = self._cursors[d].fill(tokens_BxL[b], self.packing)
       mask_BxL[b, :n] = True
     self.step += 1
-    return {"tokens_BxL": tokens_BxL, "mask_BxL": mask_BxL, "domain_B": domain_B}
+    return {
+      "tokens_BxL": tokens_BxL,
+      "mask_BxL": mask_BxL,
+      "domain_B": domain_B,
+    }
 
   def __iter__(self):
     return self
@@ -302,7 +314,9 @@ class MixtureSampler:
         )
     step = state.get("step")
     if not isinstance(step, int) or step < 0:
-      raise ValueError(f"saved step = {step!r} is invalid; it must be an int >= 0")
+      raise ValueError(
+        f"saved step = {step!r} is invalid; it must be an int >= 0"
+      )
     cursors = state.get("cursors")
     if not isinstance(cursors, Sequence) or len(cursors) != self.num_domains:
       raise ValueError(
@@ -348,8 +362,11 @@ class FilterStreams:
       )
     common = dict(seq_len=cfg.seq_len, packing=cfg.packing, seed=cfg.seed)
     self.generic = MixtureSampler(
-      generic, batch_size=cfg.generic_batch_size, weights=generic_weights,
-      stream=1, **common,
+      generic,
+      batch_size=cfg.generic_batch_size,
+      weights=generic_weights,
+      stream=1,
+      **common,
     )
     self.specific = MixtureSampler(
       [specific], batch_size=cfg.specific_batch_size, stream=2, **common
@@ -409,6 +426,11 @@ def train_sampler(
 ) -> MixtureSampler:
   """A :class:`MixtureSampler` with ``cfg``'s training shapes (B x L)."""
   return MixtureSampler(
-    domains, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-    packing=cfg.packing, seed=cfg.seed, weights=weights, stream=stream,
+    domains,
+    batch_size=cfg.batch_size,
+    seq_len=cfg.seq_len,
+    packing=cfg.packing,
+    seed=cfg.seed,
+    weights=weights,
+    stream=stream,
   )

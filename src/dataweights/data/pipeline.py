@@ -255,8 +255,11 @@ def group_by_domain(
     name = names[label] if names is not None else str(label)
     out.append(
       DomainSource(
-        name, records, np.flatnonzero(labels_M == label),
-        text_key=text_key, in_memory=in_memory,
+        name,
+        records,
+        np.flatnonzero(labels_M == label),
+        text_key=text_key,
+        in_memory=in_memory,
       )
     )
   return out
@@ -346,9 +349,8 @@ class DomainCursor:
     Raises:
       ValueError: malformed state, naming it.
     """
-    ok = (
-      len(state) == 2
-      and all(isinstance(v, (int, np.integer)) and v >= 0 for v in state)
+    ok = len(state) == 2 and all(
+      isinstance(v, (int, np.integer)) and v >= 0 for v in state
     )
     if ok:
       ok = int(state[1]) < len(self.document(int(state[0])))
@@ -383,7 +385,9 @@ def pack_documents(
       + ", ".join(repr(p) for p in PACKINGS)
     )
   if not isinstance(seq_len, int) or seq_len < 1:
-    raise ConfigError(f"seq_len = {seq_len!r} is invalid; it must be an int >= 1")
+    raise ConfigError(
+      f"seq_len = {seq_len!r} is invalid; it must be an int >= 1"
+    )
   rows: list[np.ndarray] = []
   if packing == "pack":
     stream = np.concatenate([np.asarray(d, np.int32) for d in docs] or [[]])
