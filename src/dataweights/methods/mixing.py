@@ -220,22 +220,24 @@ _run_jit = jax.jit(
 def _check_finite_trace(trace: MixingTrace, lr: object, beta: object) -> None:
   h_RxK = np.asarray(trace.h_RxK)
   val_R1 = np.asarray(trace.val_loss_R1)
-  bad_h = ~np.all(np.isfinite(h_RxK), axis=1)
-  bad_v = ~np.isfinite(val_R1)
-  if bad_h.any() or bad_v.any():
-    k_h = int(np.argmax(bad_h)) if bad_h.any() else None
-    k_v = int(np.argmax(bad_v)) if bad_v.any() else None
-    parts = []
-    if k_h is not None:
-      parts.append(f"hypergradient h_K = {h_RxK[k_h].tolist()} at round {k_h}")
-    if k_v is not None:
-      parts.append(f"validation loss {val_R1[k_v]!r} at round {k_v}")
-    raise NonFiniteHypergradientError(
-      "mixing run diverged: non-finite "
-      + " and ".join(parts)
-      + f" (first bad round of {h_RxK.shape[0]}); try a smaller beta "
-      f"(now {beta!r}), a smaller inner lr (now {lr!r}), or normalize=True"
-    )
+  bad_h_R = ~np.all(np.isfinite(h_RxK), axis=1)
+  bad_v_R1 = ~np.isfinite(val_R1)
+  if not (bad_h_R.any() or bad_v_R1.any()):
+    return
+  R = h_RxK.shape[0]
+  parts = []
+  if bad_h_R.any():
+    k = int(np.argmax(bad_h_R))
+    parts.append(f"hypergradient h_K = {h_RxK[k].tolist()} at round {k}")
+  if bad_v_R1.any():
+    k = int(np.argmax(bad_v_R1))
+    parts.append(f"validation loss {float(val_R1[k])} before round {k}")
+  raise NonFiniteHypergradientError(
+    f"mixing run diverged ({R} rounds): first non-finite "
+    + " and first non-finite ".join(parts)
+    + f". Try a smaller beta (beta = {beta!r}), a smaller inner step "
+    f"(lr = {lr!r}) or normalize=True"
+  )
 
 
 def run_mixing(

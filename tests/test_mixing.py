@@ -1,0 +1,258 @@
+"""Online data mixing (run_mixing, train_fixed): behaviour and equivalences.
+
+Oracles: a step-by-step replay of the algorithm from its parts, forward ==
+reverse runs, jit == no-jit, T = N == fixed-weight training, and the
+levanter three-domain recovery (learnable / pure noise / easy).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dataweights.methods import bilevel, mixing, simplex
+from dataweights.methods.mixing import MixingError, NonFiniteHypergradientError
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _three_domains(seed=0, D=5, M=64, dtype=jnp.float32):
+  """Linear regression: learnable (noisy labels), pure noise, easy (exact).
+
+  Validation data follow the same linear model as the learnable and easy
+  domains; the noise domain's labels are independent of x.
+  """
+  rng = np.random.default_rng(seed)
+  theta_D = rng.normal(size=D)
+  x_KxMxD = rng.normal(size=(3, M, D))
+  y_KxM = x_KxMxD @ theta_D
+  y_KxM[0] += 0.5 * rng.normal(size=M)
+  y_KxM[1] = 2.0 * rng.normal(size=M)
+  xv_MxD = rng.normal(size=(M, D))
+  yv_M = xv_MxD @ theta_D + 0.1 * rng.normal(size=M)
+  train = {"x": jnp.asarray(x_KxMxD, dtype), "y": jnp.asarray(y_KxM, dtype)}
+  val = {"x": jnp.asarray(xv_MxD, dtype), "y": jnp.asarray(yv_M, dtype)}
+
+  def domain_losses(p_D, batch):
+    b = train if batch is None else batch
+    return 0.5 * jnp.mean((b["x"] @ p_D - b["y"]) ** 2, axis=-1)
+
+  def val_loss(p_D, batch):
+    b = val if batch is None else batch
+    return 0.5 * jnp.mean((b["x"] @ p_D - b["y"]) ** 2)
+
+  problem = bilevel.MixingProblem(domain_losses, val_loss)
+  return problem, jnp.zeros(D, dtype), train, val
+
+
+def _batch_fns(train, val, T, B):
+  """Minibatch samplers: T batches of B examples per domain; B val examples."""
+  M = train["y"].shape[1]
+
+  def batch_fn(key):
+    idx_TxB = jax.random.randint(key, (T, B), 0, M)
+    return {
+      "x": jnp.swapaxes(train["x"][:, idx_TxB], 0, 1),  # (T, K, B, D)
+      "y": jnp.swapaxes(train["y"][:, idx_TxB], 0, 1),  # (T, K, B)
+    }
+
+  def val_batch_fn(key):
+    idx_B = jax.random.randint(key, (B,), 0, val["y"].shape[0])
+    return {"x": val["x"][idx_B], "y": val["y"][idx_B]}
+
+  return batch_fn, val_batch_fn
+
+
+def _tree_close(a, b, **kw):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, **kw)
+
+
+@pytest.mark.parametrize("outer, beta", [("eg", 5.0), ("pgd", 1.0)])
+def test_three_domains_noise_weight_vanishes(outer, beta):
+  problem, params0, _, _ = _three_domains()
+  w0_K = mixing.uniform_weights(3)
+  tr = mixing.run_mixing(
+    problem, params0, w0_K, lr=0.1, T=10, N=500, beta=beta, outer=outer
+  )
+  assert tr.w_RxK.shape == (51, 3) and tr.h_RxK.shape == (50, 3)
+  assert tr.val_loss_R1.shape == (51,)
+  w_K = np.asarray(tr.w_RxK[-1])
+  np.testing.assert_allclose(np.asarray(tr.w_RxK).sum(axis=1), 1.0, rtol=1e-5)
+  assert w_K[1] < 0.05, w_K  # pure noise
+  assert w_K[1] < min(w_K[0], w_K[2]), w_K
+  # Learned weights beat uniform weights on the same budget.
+  _, val_fixed = mixing.train_fixed(problem, params0, w0_K, lr=0.1, N=500)
+  assert val_fixed.shape == (501,)
+  assert tr.val_loss_R1[-1] < 0.5 * val_fixed[-1]
+
+
+def test_replay_forward_equals_reverse_minibatch(x64):
+  """Every round of run_mixing, rebuilt from its documented parts."""
+  problem, params0, train, val = _three_domains(dtype=jnp.float64)
+  T, N, lr, beta = 4, 12, 0.05, 2.0
+  batch_fn, val_batch_fn = map(jax.jit, _batch_fns(train, val, T, B=8))
+  key = jax.random.key(3)
+  w0_K = jnp.array([0.5, 0.3, 0.2])
+  kw = dict(
+    lr=lr,
+    T=T,
+    N=N,
+    beta=beta,
+    batch_fn=batch_fn,
+    val_batch_fn=val_batch_fn,
+    key=key,
+  )
+  tr_f = mixing.run_mixing(problem, params0, w0_K, hypergrad="forward", **kw)
+  tr_r = mixing.run_mixing(problem, params0, w0_K, hypergrad="reverse", **kw)
+  for a, b in zip(tr_f, tr_r, strict=True):
+    _tree_close(a, b, rtol=1e-9, atol=1e-12)
+
+  hypergrad = jax.jit(
+    lambda p, w, b, vb: bilevel.hypergrad_reverse(
+      problem, p, w, lr=lr, T=T, batches=b, val_batch=vb
+    )
+  )
+  params, w_K = params0, w0_K
+  for k, key_k in enumerate(jax.random.split(key, N // T)):
+    np.testing.assert_allclose(tr_f.w_RxK[k], w_K, rtol=1e-9)
+    np.testing.assert_allclose(
+      tr_f.val_loss_R1[k], problem.val_loss(params, None), rtol=1e-9
+    )
+    key_b, key_v = jax.random.split(key_k)
+    h_K, params = hypergrad(params, w_K, batch_fn(key_b), val_batch_fn(key_v))
+    np.testing.assert_allclose(tr_f.h_RxK[k], h_K, rtol=1e-9, atol=1e-12)
+    w_K = simplex.eg_update(w_K, h_K, beta)
+  np.testing.assert_allclose(tr_f.w_RxK[-1], w_K, rtol=1e-9)
+  np.testing.assert_allclose(tr_f.params, params, rtol=1e-9)
+  assert np.ptp(np.asarray(tr_f.w_RxK), axis=0).max() > 1e-3  # w moved
+
+  # train_fixed with eval_every=T draws the same minibatches per chunk.
+  p_fixed, val_C = mixing.train_fixed(
+    problem,
+    params0,
+    w0_K,
+    lr=lr,
+    N=N,
+    batch_fn=batch_fn,
+    key=key,
+    eval_every=T,
+  )
+  step = jax.jit(
+    lambda p, b: bilevel.inner_steps(problem, p, w0_K, lr=lr, T=T, batches=b)
+  )
+  p = params0
+  for key_k in jax.random.split(key, N // T):
+    p = step(p, batch_fn(jax.random.split(key_k)[0]))
+  np.testing.assert_allclose(p_fixed, p, rtol=1e-9)
+  assert val_C.shape == (N // T + 1,)
+  np.testing.assert_allclose(val_C[-1], problem.val_loss(p, None), rtol=1e-9)
+
+
+def test_jit_equals_no_jit(x64):
+  problem, params0, train, val = _three_domains(dtype=jnp.float64, M=16)
+  batch_fn, val_batch_fn = _batch_fns(train, val, T=2, B=4)
+  kw = dict(
+    lr=0.05,
+    T=2,
+    N=6,
+    beta=1.0,
+    batch_fn=batch_fn,
+    val_batch_fn=val_batch_fn,
+    key=jax.random.key(0),
+    normalize=True,
+  )
+  w0_K = mixing.uniform_weights(3)
+  tr = mixing.run_mixing(problem, params0, w0_K, **kw)
+  with jax.disable_jit():
+    tr_eager = mixing.run_mixing(problem, params0, w0_K, **kw)
+  for a, b in zip(tr, tr_eager, strict=True):
+    _tree_close(a, b, rtol=1e-10, atol=1e-13)
+  # normalize=True: each round's hypergradient has max |h_j| = 1.
+  np.testing.assert_allclose(np.abs(tr.h_RxK).max(axis=1), 1.0, rtol=1e-12)
+
+
+def test_single_round_equals_fixed_weight_training(x64):
+  problem, params0, _, _ = _three_domains(dtype=jnp.float64)
+  w0_K = jnp.array([0.2, 0.5, 0.3])
+  tr = mixing.run_mixing(problem, params0, w0_K, lr=0.1, T=30, N=59, beta=1.0)
+  assert tr.w_RxK.shape == (2, 3)  # R = 59 // 30 = 1; 29 leftover steps
+  p_fixed, val_2 = mixing.train_fixed(
+    problem, params0, w0_K, lr=0.1, N=30, eval_every=30
+  )
+  np.testing.assert_allclose(tr.params, p_fixed, rtol=1e-12)
+  np.testing.assert_allclose(tr.val_loss_R1, val_2, rtol=1e-12)
+  h_K, _ = bilevel.hypergrad_forward(problem, params0, w0_K, lr=0.1, T=30)
+  np.testing.assert_allclose(
+    tr.w_RxK[1], simplex.eg_update(w0_K, h_K, 1.0), rtol=1e-12
+  )
+
+
+def test_natural_and_uniform_weights():
+  np.testing.assert_allclose(mixing.uniform_weights(4), [0.25] * 4)
+  np.testing.assert_allclose(
+    mixing.natural_weights([10, 30, 60]), [0.1, 0.3, 0.6], rtol=1e-6
+  )
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(MixingError, match=f"K = {bad!r}"):
+      mixing.uniform_weights(bad)
+  with pytest.raises(MixingError, match=r"\[10\.0, 0\.0, 5\.0\]"):
+    mixing.natural_weights([10, 0, 5])
+  with pytest.raises(MixingError, match=r"\[-1\.0, 2\.0\]"):
+    mixing.natural_weights([-1, 2])
+  with pytest.raises(MixingError, match="nan"):
+    mixing.natural_weights([np.nan, 2])
+  with pytest.raises(MixingError, match="1-D"):
+    mixing.natural_weights([[1, 2]])
+
+
+_BAD = [
+  (dict(w0_K=[0.5, 0.6, 0.1]), r"w0_K is invalid.*sum to 1\.2"),
+  (dict(w0_K=[1.2, -0.1, -0.1]), r"w0_K is invalid.*negative"),
+  (dict(w0_K=[0.5, 0.5]), r"shape \(2,\)"),  # K mismatch
+  (dict(T=0), r"T = 0 is invalid"),
+  (dict(T=2.5), r"T = 2\.5 is invalid"),
+  (dict(N=7.0), r"N = 7\.0 is invalid"),
+  (dict(T=10, N=5), r"N = 5 is invalid with T = 10"),
+  (dict(beta=0.0), r"beta = 0\.0 is invalid"),
+  (dict(beta=-1), r"beta = -1 is invalid"),
+  (dict(beta=float("nan")), r"beta = nan is invalid"),
+  (dict(beta=float("inf")), r"beta = inf is invalid"),
+  (dict(lr=0), r"lr = 0 is invalid"),
+  (dict(outer="adam"), r"outer = 'adam' is invalid.*'eg', 'pgd'"),
+  (dict(hypergrad="implicit"), r"hypergrad = 'implicit' is invalid"),
+  (dict(batch_fn=lambda key: None), r"key = None is invalid"),
+]
+
+
+@pytest.mark.parametrize("bad, pattern", _BAD)
+def test_bad_inputs_raise_naming_the_value(bad, pattern):
+  problem, params0, _, _ = _three_domains(D=2, M=4)
+  kw = dict(w0_K=mixing.uniform_weights(3), lr=0.1, T=2, N=4, beta=1.0)
+  kw.update(bad)
+  with pytest.raises((MixingError, ValueError), match=pattern):
+    mixing.run_mixing(problem, params0, kw.pop("w0_K"), **kw)
+
+
+def test_divergence_reports_first_bad_round():
+  problem, params0, _, _ = _three_domains(D=2, M=4)
+  with pytest.raises(NonFiniteHypergradientError, match=r"round \d+") as e:
+    mixing.run_mixing(
+      problem,
+      params0,
+      mixing.uniform_weights(3),
+      lr=50.0,
+      T=5,
+      N=200,
+      beta=1.0,
+    )
+  msg = str(e.value)
+  assert "smaller beta (beta = 1.0)" in msg and "(lr = 50.0)" in msg, msg
+  with pytest.raises(MixingError, match="N = 5 is invalid with eval_every"):
+    mixing.train_fixed(
+      problem, params0, mixing.uniform_weights(3), lr=0.1, N=5, eval_every=2
+    )
