@@ -64,6 +64,8 @@ from dataweights.data import fetch, sources, tabular
 
 VERSION = "1.0.0"
 MANIFEST = "dw_manifest.json"
+# Bump when builder code changes the prepared bytes: prepare() rebuilds.
+BUILD_REVISION = 2
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
@@ -129,6 +131,7 @@ class DwTextDomains(_DwBuilder):
     del dl_manager
     cfg = self.options.config
     per_split: dict[str, list[sources.TextExample]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()  # no chunk in two domains
     it = sources.TEXT_DOMAINS
     if self.options.progress:
       from tqdm.auto import tqdm
@@ -142,6 +145,7 @@ class DwTextDomains(_DwBuilder):
         max_doc_bytes=cfg.text_max_doc_bytes,
         max_group_bytes=cfg.text_max_group_bytes,
         seed=cfg.seed,
+        seen=seen,
       )
       for s, exs in sources.split_groups(
         ex, cfg.text_split_fractions, cfg.seed
@@ -299,6 +303,10 @@ def version_dir(
   return fetch.data_dir(data_dir) / check_name(name) / VERSION
 
 
+def _fingerprint(options: BuildOptions) -> dict[str, Any]:
+  return {**options.config.fingerprint(), "revision": BUILD_REVISION}
+
+
 def _file_digest(path: pathlib.Path) -> dict[str, Any]:
   return {"size": path.stat().st_size, "sha256": fetch.sha256_file(path)}
 
@@ -376,6 +384,8 @@ def build(
   vdir = version_dir(name, root)
   if vdir.exists():
     shutil.rmtree(vdir)
+  for stale in vdir.parent.glob(f"incomplete.*_{VERSION}"):
+    shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted build
   t0 = time.perf_counter()
   cls = BUILDERS[check_name(name)]
   builder = cls(data_dir=str(root), file_format="array_record")
@@ -397,7 +407,7 @@ def build(
   }
   manifest = {
     "files": files,
-    "fingerprint": options.config.fingerprint(),
+    "fingerprint": _fingerprint(options),
     "pins": {k: dataclasses.asdict(v) for k, v in options.pins.items()},
     "summary": summary,
   }
@@ -424,7 +434,7 @@ def ensure_prepared(
     The manifest summary, plus ``"rebuilt": bool``.
   """
   options = options or BuildOptions()
-  fp = options.config.fingerprint() if check_config else None
+  fp = _fingerprint(options) if check_config else None
   problems = [] if force else verify(name, data_dir, fingerprint=fp)
   vdir = version_dir(name, data_dir)
   if not force and not problems:

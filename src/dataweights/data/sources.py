@@ -479,6 +479,7 @@ def domain_examples(
   max_group_bytes: int,
   min_doc_chars: int = 16,
   seed: int = 0,
+  seen: set[str] | None = None,
 ) -> list[TextExample]:
   """Normalised, chunked, deduplicated, subsampled chunks of one domain.
 
@@ -494,6 +495,10 @@ def domain_examples(
     max_group_bytes: maximal bytes taken from one group.
     min_doc_chars: shorter normalised documents are dropped.
     seed: subsampling seed.
+    seen: chunks already taken by other domains; duplicates of them are
+      dropped and the new chunks are added (the builder shares one set so
+      that no text appears in two domains, e.g. untranslated English in
+      chatterbot's other-language files).
 
   Returns:
     The chunks, in collection order.
@@ -505,7 +510,7 @@ def domain_examples(
     groups.setdefault(g, []).append(raw)
   keys = sorted(groups)
   rng = np.random.default_rng([seed, DOMAIN_NAMES.index(name)])
-  seen: set[str] = set()
+  seen = set() if seen is None else seen
   out: list[TextExample] = []
   total = 0
   for k in (keys[i] for i in rng.permutation(len(keys))):
