@@ -88,6 +88,10 @@ def init_train_state(
   :func:`dataweights.sharding.create_sharded`; an unsharded model gives a
   single-device state.
 
+  The parameters are not copied: after the first (donating) jitted step the
+  model's own arrays are gone; rebuild the model with
+  ``static.model(state)``.
+
   Args:
     model: the NNX model; its parameters become ``state.params``.
     tx: the optax transformation.
@@ -111,8 +115,11 @@ def init_train_state(
     transform_non_params=lambda _: repl,
   )
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  extra = jax.device_put(dict(extra or {}), repl)
-  model_state = jax.device_put(model_state, repl)
+  # Copies: the jitted step donates the state, which must not delete arrays
+  # the caller still holds (e.g. the initial domain weights).
+  copy = lambda x: jax.device_put(jnp.array(x, copy=True), repl)
+  extra = jax.tree.map(copy, dict(extra or {}))
+  model_state = jax.tree.map(copy, model_state)
   state = TrainState(
     step=jax.device_put(jnp.zeros((), jnp.int32), repl),
     params=params,
