@@ -1,0 +1,140 @@
+"""Sharded transformer on 8 fake CPU devices == the single-device model.
+
+Run in its own process (the device count is fixed when JAX starts):
+  DATAWEIGHTS_SHARDING_RUN=1 python -m pytest tests/sharding -q
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from dataweights import sharding
+from dataweights.configs import lm
+from dataweights.configs.base import ConfigError
+from dataweights.models import transformer as tr
+
+# 8 heads, widths and vocabulary divisible by 8: every mesh below fits.
+CFG = lm.lm_model(
+  "smoke", num_layers=1, d_model=32, num_heads=8, d_mlp=64, max_len=16
+)
+B, L = 8, 16
+# Pure data parallelism (replicated parameters) is the trivial case; these
+# two cover all three axes and full parameter sharding.
+MESHES = {
+  "fsdp8": lm.MeshConfig(data=1, fsdp=-1),
+  "dp2_fsdp2_tp2": lm.MeshConfig(data=2, fsdp=2, model=2),
+}
+
+
+def _replicas(spec, mesh):
+  """How many devices hold the same shard under ``spec``."""
+  used = {
+    a
+    for axes in spec
+    if axes
+    for a in ((axes,) if isinstance(axes, str) else axes)
+  }
+  return int(np.prod([n for a, n in mesh.shape.items() if a not in used]))
+
+
+def _factory():
+  return tr.Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def _loss(model, tokens_BxL, mask_BxL):
+  return tr.next_token_loss(model, tokens_BxL, mask_BxL).mean()
+
+
+@nnx.jit
+def _logits_and_grad(model, tokens_BxL, mask_BxL):
+  logits = model(tokens_BxL, mask_BxL=mask_BxL)
+  grads = nnx.grad(_loss)(model, tokens_BxL, mask_BxL)
+  return logits, nnx.state(grads, nnx.Param)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  tok = jax.random.randint(jax.random.key(0), (B, L), 0, CFG.vocab_size)
+  mask = jnp.ones((B, L), bool).at[1, 9:].set(False)
+  return np.asarray(tok), np.asarray(mask)
+
+
+@pytest.fixture(scope="module")
+def reference(batch):
+  model = _factory()
+  logits, grads = _logits_and_grad(model, *map(jnp.asarray, batch))
+  return model, logits, grads
+
+
+def test_eight_devices():
+  assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_sharded_equals_single_device(name, batch, reference):
+  ref_model, ref_logits, ref_grads = reference
+  mesh = sharding.make_mesh(MESHES[name])
+  model = sharding.create_sharded(_factory, mesh)
+  # parameters are born in their shards, with the rules' specs
+  specs = sharding.partition_specs(model)
+  for (path, var), (_, spec) in zip(
+    nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(specs)
+  ):
+    arr = var.get_value()
+    assert arr.sharding.mesh.shape == mesh.shape, path
+    assert arr.sharding.spec == spec.get_value(), path
+  wte = model.wte.get_value()
+  n_wte = mesh.shape["model"] * mesh.shape["fsdp"]
+  assert wte.addressable_shards[0].data.shape == (
+    CFG.vocab_size * mesh.shape["fsdp"] // n_wte,
+    CFG.d_model // mesh.shape["fsdp"],
+  )
+  # same initial values as the unsharded model
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(model, nnx.Param)),
+    jax.tree.leaves(nnx.state(ref_model, nnx.Param)),
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # bytes per device: parameters with an fsdp axis hold 1/fsdp of it
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  on_dev0 = sum(p.addressable_shards[0].data.nbytes for p in params)
+  want = sum(
+    p.nbytes // (len(p.sharding.device_set) // _replicas(p.sharding.spec, mesh))
+    for p in params
+  )
+  assert on_dev0 == want
+
+  tokens, mask = sharding.shard_batch(batch, mesh)
+  assert tokens.sharding.spec == P(("data", "fsdp"), None)
+  with jax.set_mesh(mesh):
+    logits, grads = _logits_and_grad(model, tokens, mask)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+  flat_g = nnx.to_flat_state(grads)
+  flat_ref = dict(nnx.to_flat_state(ref_grads))
+  for path, g in flat_g:
+    np.testing.assert_allclose(
+      np.asarray(g.get_value()),
+      np.asarray(flat_ref[path].get_value()),
+      atol=1e-6,
+      rtol=1e-4,
+      err_msg=str(path),
+    )
+
+
+def test_bad_mesh_raises_clear_error():
+  mesh = sharding.make_mesh(lm.MeshConfig(data=1, fsdp=1, model=8))
+  bad = lm.lm_model("smoke", d_model=32, num_heads=4)
+  with pytest.raises(
+    ConfigError,
+    match=r"key/bias of shape \(4, 8\): dimension 0 \(size 4\).*model",
+  ):
+    sharding.create_sharded(lambda: tr.Transformer(bad, rngs=nnx.Rngs(0)), mesh)
+  with pytest.raises(ConfigError, match="batch size 4 is not divisible"):
+    sharding.shard_batch(
+      np.zeros((4, L), np.int32), sharding.make_mesh(lm.MeshConfig())
+    )
+  with pytest.raises(ConfigError, match="needs 4 devices but 8"):
+    sharding.make_mesh(lm.MeshConfig(data=2, fsdp=2))
