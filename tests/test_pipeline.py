@@ -194,3 +194,49 @@ def test_unknown_tfds_name_raises_with_close_matches():
     ValueError, match="unknown TFDS data set 'mnistt'.*close matches: .*mnist"
   ):
     online.tfds_domains("mnistt")
+
+
+def test_prepared_domains_reads_the_builders_split(monkeypatch):
+  # The project's builders, faked in memory: the glue is what is tested here
+  # (tests of the builders themselves live with them).
+  builders = pytest.importorskip("dataweights.data.builders")
+  names = ("fiction", "news", "code")
+  records = [
+    {"text": f"t{i}".encode(), "domain": np.int64(i % 3)} for i in range(11)
+  ]
+
+  class FakeSource:
+    def __len__(self):
+      return len(records)
+
+    def __getitem__(self, i):
+      return records[i]
+
+    def __getitems__(self, ids):
+      return [records[i] for i in ids]
+
+  def fake_indices(name, split, data_dir=None, domains=None):
+    wanted = domains or names
+    return {
+      d: np.array(
+        [i for i, r in enumerate(records) if r["domain"] == names.index(d)]
+      )
+      for d in wanted
+    }
+
+  monkeypatch.setattr(builders, "load_source", lambda *a, **k: FakeSource())
+  monkeypatch.setattr(builders, "domain_names", lambda name: names)
+  monkeypatch.setattr(builders, "domain_indices", fake_indices)
+  for in_memory in (True, False):
+    ds = pipeline.prepared_domains(
+      "train", domains=["code", "fiction"], in_memory=in_memory
+    )
+    assert [d.name for d in ds] == ["code", "fiction"]
+    assert [tok.decode(ds[0][j]) for j in range(len(ds[0]))] == [
+      b"t2",
+      b"t5",
+      b"t8",
+    ]
+    assert len(ds[1]) == 4
+  with pytest.raises(ValueError, match=r"unknown domain\(s\) \['poetry'\]"):
+    pipeline.prepared_domains("train", domains=["poetry"])

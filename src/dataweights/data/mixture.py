@@ -7,7 +7,8 @@ every step, and every batch says which domain each row came from.
 
 **Determinism.** The domains of step ``s`` are ``B`` independent draws from
 ``Categorical(w_K)`` (the weights in force at that step) with the generator
-``np.random.default_rng([seed, stream, 0, s])``: they depend only on
+``Generator(Philox(key=SeedSequence([seed, stream, 0]).generate_state(2,
+uint64), counter=[0, 0, 0, s]))``: they depend only on
 ``(seed, stream, s, w_K)``, not on earlier weights. Within a domain, rows are
 filled by a :class:`~dataweights.data.pipeline.DomainCursor` (a seeded
 permutation per epoch). The full state, :meth:`MixtureSampler.get_state`, is a
@@ -168,6 +169,10 @@ class MixtureSampler:
       DomainCursor(d, self.seed, self.stream, k) for k, d in enumerate(domains)
     ]
     self.step = 0
+    # Philox key of the per-step domain draws; step s uses counter [0,0,0,s].
+    self._step_key = np.random.SeedSequence(
+      [self.seed, self.stream, 0]
+    ).generate_state(2, np.uint64)
     self._w_K = (
       natural_weights(domains)
       if weights is None
@@ -218,7 +223,9 @@ class MixtureSampler:
     w_K = (
       self._w_K if weights is None else validate_weights(weights, self.names)
     )
-    rng = np.random.default_rng([self.seed, self.stream, 0, int(step)])
+    rng = np.random.Generator(
+      np.random.Philox(key=self._step_key, counter=[0, 0, 0, int(step)])
+    )
     # Inverse-CDF draws: B uniforms, searchsorted in the cumulative weights.
     cdf_K = np.cumsum(w_K)
     cdf_K /= cdf_K[-1]
@@ -248,10 +255,11 @@ class MixtureSampler:
     tokens_BxL = np.full(
       (self.batch_size, self.seq_len), tokenize.PAD_ID, dtype=np.int32
     )
-    mask_BxL = np.zeros((self.batch_size, self.seq_len), dtype=bool)
-    for b, d in enumerate(domain_B):
-      n = self._cursors[d].fill(tokens_BxL[b], self.packing)
-      mask_BxL[b, :n] = True
+    n_B = np.empty(self.batch_size, dtype=np.int64)
+    cursors, packing = self._cursors, self.packing
+    for b, d in enumerate(domain_B.tolist()):
+      n_B[b] = cursors[d].fill(tokens_BxL[b], packing)
+    mask_BxL = np.arange(self.seq_len)[None, :] < n_B[:, None]
     self.step += 1
     return {
       "tokens_BxL": tokens_BxL,

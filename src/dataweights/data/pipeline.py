@@ -135,6 +135,20 @@ class _IndexedView:
       return self._source[int(i)]
     return self._source[int(self._indices[i])]
 
+  def read_all(self) -> list[Any]:
+    """Every record, with one bulk read if the source supports it."""
+    ids = (
+      list(range(len(self._source)))
+      if self._indices is None
+      else [int(i) for i in self._indices]
+    )
+    if hasattr(self._source, "__getitems__"):  # tfds / grain sources
+      try:
+        return list(self._source.__getitems__(ids))
+      except TypeError:  # e.g. tfds.testing.mock_data's patched sources
+        pass
+    return [self._source[i] for i in ids]
+
 
 def _field_encoder(text_key: str) -> Callable[[Any], np.ndarray]:
   def encode_record(record: Any) -> np.ndarray:
@@ -182,10 +196,11 @@ class DomainSource:
     view = _IndexedView(records, idx)
     if len(view) == 0:
       raise ValueError(f"domain {self.name!r} has no documents")
-    self._dataset = grain.MapDataset.source(view).map(_field_encoder(text_key))
+    encode_record = _field_encoder(text_key)
+    self._dataset = grain.MapDataset.source(view).map(encode_record)
     self._docs: list[np.ndarray] | None = None
-    if in_memory:
-      self._docs = list(self._dataset)
+    if in_memory:  # one bulk read, then encode
+      self._docs = [encode_record(r) for r in view.read_all()]
     self._len = len(view)
 
   def __len__(self) -> int:
@@ -265,6 +280,64 @@ def group_by_domain(
   return out
 
 
+def prepared_domains(
+  split: str = "train",
+  *,
+  name: str = "dw_text_domains",
+  data_dir: str | None = None,
+  domains: Sequence[str] | None = None,
+  in_memory: bool = True,
+) -> list[DomainSource]:
+  """Per-domain sources of one of the project's prepared TFDS data sets.
+
+  Reads ``builders.load_source(name, split)`` (prepared on first use) and
+  splits it with ``builders.domain_indices``; domains keep the ClassLabel
+  order, so ``domain_B`` ids agree across splits when ``domains`` is the
+  same.
+
+  Args:
+    split: ``train``, ``validation`` or ``test``.
+    name: the data set (default the text domains).
+    data_dir: data directory (see :func:`dataweights.data.fetch.data_dir`).
+    domains: the domains to use, in this order (default: all).
+    in_memory: passed to :class:`DomainSource`.
+
+  Returns:
+    One :class:`DomainSource` per domain.
+
+  Raises:
+    ValueError: unknown data set, split or domain; or a domain with no
+      documents in ``split``.
+  """
+  from dataweights.data import builders  # noqa: PLC0415 (imports TFDS)
+
+  source = builders.load_source(name, split, data_dir)
+  text_key = "image" if name == "dw_digits" else "text"
+  if not in_memory:
+    index = builders.domain_indices(name, split, data_dir, domains)
+    return [
+      DomainSource(d, source, idx, text_key=text_key, in_memory=False)
+      for d, idx in index.items()
+    ]
+  # In memory: decode every record once (what domain_indices would also do).
+  names = builders.domain_names(name)
+  wanted = tuple(names) if domains is None else tuple(domains)
+  bad = [d for d in wanted if d not in names]
+  if bad:
+    raise ValueError(
+      f"unknown domain(s) {bad} for {name}; known domains are "
+      + ", ".join(names)
+    )
+  records = _IndexedView(source, None).read_all()
+  label_M = np.array([int(r["domain"]) for r in records], dtype=np.int64)
+  return [
+    DomainSource(
+      d, records, np.flatnonzero(label_M == names.index(d)), text_key=text_key
+    )
+    for d in wanted
+  ]
+
+
 def _classlabel_names(records: Any, key: str) -> list[str] | None:
   try:
     return list(records.dataset_info.features[key].names)
@@ -293,6 +366,7 @@ class DomainCursor:
     self._key = (int(seed), int(stream), 1, int(domain))
     self.docs_done = 0
     self.offset = 0
+    self._n = len(source)
     self._epoch = -1
     self._perm_N: np.ndarray | None = None
     self._cached: tuple[int, np.ndarray] | None = None
@@ -301,7 +375,7 @@ class DomainCursor:
     """The document order of ``epoch`` (indices into the source)."""
     if epoch != self._epoch:
       rng = np.random.default_rng([*self._key, epoch])
-      self._perm_N = rng.permutation(len(self.source))
+      self._perm_N = rng.permutation(self._n)
       self._epoch = epoch
     assert self._perm_N is not None
     return self._perm_N
@@ -310,7 +384,7 @@ class DomainCursor:
     """The ``k``-th document this cursor visits (counting from 0)."""
     if self._cached is not None and self._cached[0] == k:
       return self._cached[1]
-    epoch, j = divmod(k, len(self.source))
+    epoch, j = divmod(k, self._n)
     doc = self.source[int(self.permutation(epoch)[j])]
     self._cached = (k, doc)
     return doc
