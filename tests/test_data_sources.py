@@ -332,7 +332,8 @@ def test_real_text_domains_sizes_and_no_overlap():
     docs["train"] & docs["validation"] or docs["train"] & docs["test"]
   )
   for d, n in sizes.items():
-    # Every domain is present; all but the small sources reach the budget.
-    small = {"legal": 100_000, "chat": 70_000}
+    # Every domain is present; all but the small (source-limited, see the
+    # sources docstring) reach the budget.
+    small = {"legal": 90_000, "chat": 80_000, "noise_multilingual": 170_000}
     assert n >= small.get(d, 0.95 * budget), (d, n)
     assert n <= budget + man["fingerprint"]["text_max_doc_bytes"], (d, n)
