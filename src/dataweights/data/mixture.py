@@ -342,7 +342,9 @@ class FilterStreams:
 
   Each step gives a big generic batch of ``G = B * downsampling`` rows drawn
   from the generic pool (to be scored and filtered down to B) and a small
-  specific batch from the target domain.
+  specific batch from the target domain. The big batch's ``domain_B``
+  indexes ``self.generic.names`` (the generic domains only); the specific
+  batch's is all zeros.
 
   Args:
     generic: the generic pool's domains.
