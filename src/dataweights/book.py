@@ -95,6 +95,22 @@ class ChapterRun:
   wall_time_s: float
 
 
+def _check_parameters(src: Path) -> None:
+  """Every chapter must take ``profile`` and ``results_dir`` as parameters."""
+  import nbformat
+
+  nb = nbformat.read(src, as_version=4)
+  cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+  if len(cells) != 1:
+    raise ChapterError(f"{src.name} needs exactly one cell tagged 'parameters' (found {len(cells)})")
+  missing = [n for n in ("profile", "results_dir") if f"{n} =" not in cells[0].source]
+  if missing:
+    raise ChapterError(
+      f"{src.name}: the parameters cell must define {', '.join(missing)} "
+      '(e.g. profile = "book" and results_dir = "")'
+    )
+
+
 def _clean_notebook(nb, profile: str) -> None:
   """Drops volatile metadata and the injected-parameters cell (in place)."""
   kept = []
@@ -175,6 +191,7 @@ def run_chapter(
   dest_nb = out_dir / f"{chapter}.ipynb"
   dest_results = out_dir / "results" / chapter
 
+  _check_parameters(src)
   scratch_parent = root / "_build" / "scratch"
   scratch_parent.mkdir(parents=True, exist_ok=True)
   scratch = Path(tempfile.mkdtemp(prefix=f"{chapter}.", dir=scratch_parent))
