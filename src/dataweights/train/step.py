@@ -18,7 +18,8 @@ DoReMi / ScaleBiO training objective. Weights are data: no gradient flows
 into them here.
 
 Gradient accumulation. The weights are computed on the whole batch, then
-the batch is split into ``A`` microbatches and ``lax.scan`` sums the
+the batch is split into ``A`` strided microbatches (rows ``j::A``, so a
+sharded batch needs no communication) and ``lax.scan`` sums the
 gradients of ``sum_b weight_b loss_b``; dividing by the total weight gives
 exactly the one-big-batch gradient (up to float summation order).
 
@@ -91,13 +92,20 @@ def example_weights(batch: Batch, extra: dict[str, Any]) -> jax.Array:
 
 
 def _split_microbatches(batch: Batch, num: int) -> Batch:
+  """``(B, ...) -> (num, B / num, ...)``, microbatch ``j`` = rows ``j::num``.
+
+  Strided rather than contiguous: with the batch split over devices along
+  axis 0, every device keeps its own rows in every microbatch (no
+  communication).
+  """
+
   def split(x):
     if x.shape[0] % num:
       raise ValueError(
         f"batch of {x.shape[0]} examples cannot be split into "
         f"accumulation_steps = {num} equal microbatches"
       )
-    return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+    return x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
 
   return jax.tree.map(split, batch)
 
@@ -168,7 +176,7 @@ def make_train_step(
         body, (zeros, jnp.zeros((), jnp.float32)),
         (jnp.arange(num_micro), micro_AxB),
       )
-      loss_B = loss_AxB.reshape(-1)
+      loss_B = loss_AxB.swapaxes(0, 1).reshape(-1)  # back to batch order
     weight_sum = jnp.sum(batch["weight_B"])
     denom = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
