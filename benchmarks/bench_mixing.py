@@ -11,10 +11,12 @@ run, for T in {1, 10, 100, 1000} and K (= m domains) in {2, 4, 8}:
 * **reverse_remat**: the same with ``jax.checkpoint`` on each inner step.
 
 Each is jitted and compiled once (``jax.jit(f).lower(...).compile()``)
-and timed after compilation: the minimum over repeats (the estimate least
-disturbed by other processes on a shared machine; medians are stored
-too), each repeat long enough to hide dispatch, the modes alternating
-within each repeat so that outside load hits them alike. Compiled memory
+and timed after compilation, the modes alternating within each repeat so
+that outside load hits them alike, each repeat long enough to hide
+dispatch. On CPU, XLA runs single-threaded (set below, before JAX starts;
+``--multithread`` keeps XLA's default) and ratios use the *process CPU
+time*, minimum over repeats: on a shared machine wall time mostly measures
+the other tenants (wall times are stored too). On GPU use wall time. Compiled memory
 comes from XLA's ``memory_analysis()`` (temp / argument / output bytes).
 Each cell reports ``ratio = time(mode) / time(plain)`` at the same T, K.
 
@@ -41,8 +43,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if "--multithread" not in sys.argv:  # must precede the first use of JAX
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  ).strip()
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +60,12 @@ import numpy as np
 from dataweights.methods import bilevel
 
 D_IN, HIDDEN, M_TRAIN, M_VAL, LR = 32, 32, 256, 64, 0.05
+D_LOGIT, M_LOGIT = 1024, 512  # logistic regression: features, train examples
+TIME_KEY = "cpu_min_s"  # what ratios and floors use (see the docstring)
 
 
-def make_problem(K: int, seed: int = 0):
-  """The benchmark's MLP problem with K domains; returns (problem, params)."""
+def make_mlp(K: int, seed: int = 0):
+  """The MLP problem with K domains; returns (problem, params)."""
   rng = np.random.default_rng(seed)
   M = M_TRAIN // K
   x_KxMxD = rng.normal(size=(K, M, D_IN)).astype(np.float32)
@@ -89,6 +100,53 @@ def make_problem(K: int, seed: int = 0):
   return bilevel.MixingProblem(domain_losses, val_loss), params
 
 
+def make_logistic(K: int, seed: int = 0):
+  """Logistic regression with K domains; returns (problem, params)."""
+  rng = np.random.default_rng(seed)
+  M = M_LOGIT // K
+  u_D = rng.normal(size=D_LOGIT) / np.sqrt(D_LOGIT)
+  x_KxMxD = rng.normal(size=(K, M, D_LOGIT))
+  flip_K = np.linspace(0.0, 0.4, K)[:, None]  # domain k: labels flipped
+  y_KxM = ((x_KxMxD @ u_D > 0) ^ (rng.uniform(size=(K, M)) < flip_K)) * 1.0
+  xv_MxD = rng.normal(size=(M_VAL, D_LOGIT))
+  yv_M = (xv_MxD @ u_D > 0) * 1.0
+  x_KxMxD, y_KxM, xv_MxD, yv_M = (
+    jnp.asarray(a, jnp.float32) for a in (x_KxMxD, y_KxM, xv_MxD, yv_M)
+  )
+  params = {
+    "w_D": jnp.zeros(D_LOGIT, jnp.float32),
+    "b": jnp.zeros((), jnp.float32),
+  }
+
+  def nll(p, x_MxD, y_M):
+    z_M = x_MxD @ p["w_D"] + p["b"]
+    return jnp.mean(jnp.logaddexp(0.0, z_M) - y_M * z_M)
+
+  def domain_losses(p, batch):
+    return jax.vmap(lambda x, y: nll(p, x, y))(x_KxMxD, y_KxM)
+
+  def val_loss(p, batch):
+    return nll(p, xv_MxD, yv_M)
+
+  return bilevel.MixingProblem(domain_losses, val_loss), params
+
+
+PROBLEMS = {
+  "mlp": (
+    make_mlp,
+    f"tanh MLP {D_IN}->{HIDDEN}->1, float32, "
+    f"{D_IN * HIDDEN + 2 * HIDDEN + 1} params, {M_TRAIN} train "
+    f"examples split over K domains, {M_VAL} validation",
+  ),
+  "logistic": (
+    make_logistic,
+    f"logistic regression, {D_LOGIT} features "
+    f"(+bias: {D_LOGIT + 1} params), float32, {M_LOGIT} train "
+    f"examples split over K domains, {M_VAL} validation",
+  ),
+}
+
+
 def _modes(problem, T):
   return {
     "plain": lambda p, w: bilevel.inner_steps(problem, p, w, lr=LR, T=T),
@@ -107,29 +165,36 @@ def _modes(problem, T):
 def _time_interleaved(
   compiled: dict, args, repeats: int, min_s: float
 ) -> dict[str, dict[str, float]]:
-  """Median/min seconds per call; modes alternate within each repeat so
-  that load from other processes hits every mode alike."""
+  """Seconds per call, wall and process CPU, min and median over repeats.
+
+  The modes alternate within each repeat so that outside load hits every
+  mode alike.
+  """
   number = {}
   for name, fn in compiled.items():
     jax.block_until_ready(fn(*args))  # warm-up
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     jax.block_until_ready(fn(*args))
-    number[name] = max(1, int(min_s / max(time.perf_counter() - t0, 1e-9)))
-  per_call = {name: [] for name in compiled}
+    number[name] = max(1, int(min_s / max(time.process_time() - t0, 1e-6)))
+  wall = {name: [] for name in compiled}
+  cpu = {name: [] for name in compiled}
   for _ in range(repeats):
     for name, fn in compiled.items():
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(number[name]):
         out = fn(*args)
       jax.block_until_ready(out)
-      per_call[name].append((time.perf_counter() - t0) / number[name])
+      wall[name].append((time.perf_counter() - t0) / number[name])
+      cpu[name].append((time.process_time() - c0) / number[name])
   return {
     name: {
-      "median_s": statistics.median(ts),
-      "min_s": min(ts),
+      "cpu_min_s": min(cpu[name]),
+      "cpu_median_s": statistics.median(cpu[name]),
+      "wall_min_s": min(wall[name]),
+      "wall_median_s": statistics.median(wall[name]),
       "calls_per_repeat": number[name],
     }
-    for name, ts in per_call.items()
+    for name in compiled
   }
 
 
@@ -152,11 +217,11 @@ def _memory(compiled) -> dict[str, int] | None:
   return mem
 
 
-def bench_cell(K: int, T: int, repeats: int, min_s: float) -> dict:
-  """One (K, T) cell: time and compiled memory of every mode."""
-  problem, params = make_problem(K)
+def bench_cell(name: str, K: int, T: int, repeats: int, min_s: float) -> dict:
+  """One (problem, K, T) cell: time and compiled memory of every mode."""
+  problem, params = PROBLEMS[name][0](K)
   w_K = jnp.full((K,), 1.0 / K, jnp.float32)
-  cell = {"K": K, "T": T, "modes": {}}
+  cell = {"problem": name, "K": K, "T": T, "modes": {}}
   compiled, outs = {}, {}
   for name, fn in _modes(problem, T).items():
     t0 = time.perf_counter()
@@ -169,32 +234,32 @@ def bench_cell(K: int, T: int, repeats: int, min_s: float) -> dict:
   timing = _time_interleaved(compiled, (params, w_K), repeats, min_s)
   for name, t in timing.items():
     cell["modes"][name].update(t)
-  base = cell["modes"]["plain"]["min_s"]
   for m in cell["modes"].values():
-    m["ratio_to_plain"] = m["min_s"] / base
+    m["ratio_to_plain"] = m[TIME_KEY] / cell["modes"]["plain"][TIME_KEY]
+    m["wall_ratio_to_plain"] = (
+      m["wall_min_s"] / cell["modes"]["plain"]["wall_min_s"]
+    )
   h_f, h_r = np.asarray(outs["forward"][0]), np.asarray(outs["reverse"][0])
   cell["max_abs_forward_minus_reverse"] = float(np.max(np.abs(h_f - h_r)))
   cell["max_abs_h"] = float(np.max(np.abs(h_r)))
   return cell
 
 
-def floors(cells: list[dict]) -> dict:
-  """The two floors of the brief, computed from the measured cells."""
-  out = {}
-  mem_rows = []
+def _memory_floor(cells: list[dict]) -> list[dict]:
+  rows = []
   for K in sorted({c["K"] for c in cells}):
     row = sorted((c for c in cells if c["K"] == K), key=lambda c: c["T"])
     if any(m["memory"] is None for c in row for m in c["modes"].values()):
-      mem_rows.append({"K": K, "ok": None, "why": "no memory_analysis"})
+      rows.append({"K": K, "ok": None, "why": "no memory_analysis"})
       continue
     temp = {
       mode: {c["T"]: c["modes"][mode]["memory"]["temp_bytes"] for c in row}
       for mode in ("forward", "reverse", "reverse_remat")
     }
-    # Compare the two largest horizons with T >= 2 (a trip-count-1 scan is
-    # compiled with a smaller fixed buffer set; reported, not used).
+    # The two largest horizons with T >= 2 (a trip-count-1 scan is compiled
+    # with a smaller fixed buffer set; T = 1 is reported, not compared).
     big = [c["T"] for c in row if c["T"] >= 2][-2:]
-    r = {"K": K, "temp_bytes_by_T": temp}
+    r = {"K": K, "temp_bytes_by_T": temp, "ok": None}
     if len(big) == 2:
       t0, t1 = big
       r["T_pair"] = big
@@ -203,23 +268,18 @@ def floors(cells: list[dict]) -> dict:
           temp[mode][t1] - temp[mode][t0]
         ) / (t1 - t0)
       r["ok"] = temp["forward"][t1] <= 1.01 * temp["forward"][t0]
-    else:
-      r["ok"] = None
-    mem_rows.append(r)
-  oks = [r["ok"] for r in mem_rows]
-  out["forward_memory_flat_in_T"] = {
-    "ok": None if None in oks or not oks else all(oks),
-    "rule": "forward temp bytes at the largest T <= 1.01 x at the "
-    "second-largest T (T >= 2)",
-    "rows": mem_rows,
-  }
-  speed_rows = []
+    rows.append(r)
+  return rows
+
+
+def _speed_floor(cells: list[dict]) -> list[dict]:
+  rows = []
   for c in cells:
     if c["K"] <= 4 and c["T"] >= 100:
-      f = c["modes"]["forward"]["min_s"]
-      r = c["modes"]["reverse"]["min_s"]
-      rr = c["modes"]["reverse_remat"]["min_s"]
-      speed_rows.append(
+      f = c["modes"]["forward"][TIME_KEY]
+      r = c["modes"]["reverse"][TIME_KEY]
+      rr = c["modes"]["reverse_remat"][TIME_KEY]
+      rows.append(
         {
           "K": c["K"],
           "T": c["T"],
@@ -228,10 +288,33 @@ def floors(cells: list[dict]) -> dict:
           "ok": f <= r,
         }
       )
-  out["forward_no_slower_than_reverse_K_le_4_T_ge_100"] = {
-    "ok": all(r["ok"] for r in speed_rows) if speed_rows else None,
-    "rows": speed_rows,
-  }
+  return rows
+
+
+def _all_ok(rows: list[dict]) -> bool | None:
+  oks = [r["ok"] for r in rows]
+  return None if not oks or None in oks else all(oks)
+
+
+def floors(cells: list[dict]) -> dict:
+  """The two floors of the brief, per problem, from the measured cells."""
+  out = {}
+  for name in sorted({c["problem"] for c in cells}):
+    mine = [c for c in cells if c["problem"] == name]
+    mem, speed = _memory_floor(mine), _speed_floor(mine)
+    out[name] = {
+      "forward_memory_flat_in_T": {
+        "ok": _all_ok(mem),
+        "rule": "forward temp bytes at the largest T <= 1.01 x those at "
+        "the second-largest T (T >= 2)",
+        "rows": mem,
+      },
+      "forward_no_slower_than_reverse_K_le_4_T_ge_100": {
+        "ok": _all_ok(speed),
+        "rule": f"{TIME_KEY}(forward) <= {TIME_KEY}(reverse)",
+        "rows": speed,
+      },
+    }
   return out
 
 
@@ -245,42 +328,60 @@ def main() -> None:
     action="store_true",
     help="T in {1, 10, 100}, K in {2, 4}, fewer repeats",
   )
+  ap.add_argument(
+    "--problem",
+    nargs="*",
+    choices=sorted(PROBLEMS),
+    help="problems to run (default: all)",
+  )
+  ap.add_argument(
+    "--multithread",
+    action="store_true",
+    help="keep XLA's multi-threaded CPU defaults",
+  )
+  ap.add_argument(
+    "--wall",
+    action="store_true",
+    help="ratios and floors from wall time (default on GPU)",
+  )
   ap.add_argument("--T", type=int, nargs="*", help="override the T grid")
   ap.add_argument("--K", type=int, nargs="*", help="override the K grid")
   args = ap.parse_args()
+  global TIME_KEY
+  if args.wall or jax.default_backend() != "cpu":
+    TIME_KEY = "wall_min_s"
   Ts = args.T or ([1, 10, 100] if args.quick else [1, 10, 100, 1000])
   Ks = args.K or ([2, 4] if args.quick else [2, 4, 8])
-  repeats, min_s = (5, 0.02) if args.quick else (9, 0.05)
+  names = args.problem or sorted(PROBLEMS)
+  repeats, min_s = (5, 0.02) if args.quick else (7, 0.05)
   cells = []
-  for K in Ks:
-    for T in Ts:
-      c = bench_cell(K, T, repeats, min_s)
-      cells.append(c)
-      m = c["modes"]
-      print(
-        f"K={K} T={T:5d}  plain {m['plain']['min_s'] * 1e3:9.3f} ms  "
-        + "  ".join(
-          f"{n} x{m[n]['ratio_to_plain']:6.2f}"
-          for n in ("forward", "reverse", "reverse_remat")
+  for name in names:
+    for K in Ks:
+      for T in Ts:
+        c = bench_cell(name, K, T, repeats, min_s)
+        cells.append(c)
+        m = c["modes"]
+        print(
+          f"{name:8s} K={K} T={T:5d}  plain "
+          f"{m['plain'][TIME_KEY] * 1e3:9.3f} ms  "
+          + "  ".join(
+            f"{n} x{m[n]['ratio_to_plain']:6.2f}"
+            for n in ("forward", "reverse", "reverse_remat")
+          )
+          + "  temp KiB "
+          + " ".join(
+            f"{n[:3]}={(m[n]['memory'] or {}).get('temp_bytes', -1) / 1024:.0f}"
+            for n in ("forward", "reverse", "reverse_remat")
+          ),
+          flush=True,
         )
-        + "  temp KiB "
-        + " ".join(
-          f"{n[:3]}={(m[n]['memory'] or {}).get('temp_bytes', -1) / 1024:.0f}"
-          for n in ("forward", "reverse", "reverse_remat")
-        ),
-        flush=True,
-      )
   out = {
     "benchmark": "mixing_outer_round_vs_plain_steps",
-    "problem": {
-      "model": f"tanh MLP {D_IN}->{HIDDEN}->1, float32",
-      "num_params": D_IN * HIDDEN + 2 * HIDDEN + 1,
-      "train_examples_total": M_TRAIN,
-      "val_examples": M_VAL,
-      "lr": LR,
-      "batch": "full batch",
-    },
+    "problems": {n: PROBLEMS[n][1] for n in names},
+    "lr": LR,
     "grid": {"T": Ts, "K": Ks, "repeats": repeats, "min_repeat_s": min_s},
+    "time_key": TIME_KEY,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "device": str(jax.devices()[0]),
     "backend": jax.default_backend(),
     "cpu_count": os.cpu_count(),
@@ -290,8 +391,10 @@ def main() -> None:
     "cells": cells,
     "floors": floors(cells),
   }
-  for name, f in out["floors"].items():
-    print(f"floor {name}: {'OK' if f['ok'] else 'FAILED'}")
+  for name, fl in out["floors"].items():
+    for floor, f in fl.items():
+      verdict = {True: "OK", False: "FAILED", None: "n/a"}[f["ok"]]
+      print(f"{name}: floor {floor}: {verdict}")
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
   print(f"wrote {args.out}")

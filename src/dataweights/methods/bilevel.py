@@ -119,7 +119,10 @@ def _unroll(
     return jax.tree.map(lambda x, d: x - lr * d, p, g)
 
   if remat:
-    step = jax.checkpoint(step)
+    # Inside lax.scan CSE cannot hoist the recomputation, so the
+    # optimisation barriers of prevent_cse=True only cost copies (of
+    # closed-over data, per step) -- see the jax.checkpoint docs.
+    step = jax.checkpoint(step, prevent_cse=False)
   params_T, _ = jax.lax.scan(
     lambda p, b: (step(p, b), None), params, batches, length=T
   )
