@@ -42,7 +42,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dataweights.configs.base import ConfigError
-from dataweights.configs.lm import MESH_AXES, MeshConfig
+from dataweights.configs.lm import BATCH_MESH_AXES, MESH_AXES, MeshConfig
 from dataweights.types import PyTree
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ RULES: Rules = (
 # The same names, all replicated: pure data parallelism.
 REPLICATED_RULES: Rules = tuple((name, None) for name, _ in RULES)
 
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+BATCH_AXES: tuple[str, ...] = BATCH_MESH_AXES
 
 
 def resolve_mesh_shape(

@@ -124,6 +124,27 @@ def test_sharded_equals_single_device(name, batch, reference):
     )
 
 
+def test_per_example_vmap_under_mesh(batch, reference):
+  """vmap over single examples (B=1 inside) works under an FSDP mesh."""
+  ref_model = reference[0]
+  tok, mask = map(jnp.asarray, batch)
+  want = tr.next_token_loss(ref_model, tok, mask)
+  mesh = sharding.make_mesh(MESHES["fsdp8"])
+  graphdef, state = nnx.split(ref_model)
+  with nnx.logical_axis_rules(sharding.RULES):
+    state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
+
+  @jax.jit
+  def per_example(state, tok, mask):
+    model = nnx.merge(graphdef, state)
+    one = lambda t, m: tr.next_token_loss(model, t[None], m[None])[0]
+    return jax.vmap(one)(tok, mask)
+
+  with jax.set_mesh(mesh):
+    got = per_example(state, *sharding.shard_batch((tok, mask), mesh))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_mesh_raises_clear_error():
   mesh = sharding.make_mesh(lm.MeshConfig(data=1, fsdp=1, model=8))
   bad = lm.lm_model("smoke", d_model=32, num_heads=4)

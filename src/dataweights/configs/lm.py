@@ -174,6 +174,8 @@ def lm_model(
 
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "model")
+# Mesh axes that split the batch (examples) dimension.
+BATCH_MESH_AXES: tuple[str, str] = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
