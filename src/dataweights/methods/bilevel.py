@@ -191,6 +191,11 @@ def hypergrad_forward(
   product by forward-over-reverse), so memory is ``O(K |θ|)`` whatever T.
   Finally ``h_j = ⟨∇g(θ_T), Z_T^{(j)}⟩``.
 
+  Cost: K Hessian-vector products per inner step, against about one for
+  :func:`hypergrad_reverse`. Forward mode therefore wins on memory always
+  and on time only where reverse mode is memory-bound (long T, large
+  per-step residuals); see ``benchmarks/bench_mixing.py``.
+
   Args:
     problem: the bilevel problem.
     params: ``θ_0`` (warm start), a pytree.

@@ -19,6 +19,7 @@ stated algorithm.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -171,11 +172,12 @@ def _run_impl(
   batch_fn: Callable[[PRNGKey], Batch] | None,
   val_batch_fn: Callable[[PRNGKey], Batch] | None,
   normalize: bool,
+  remat: bool,
 ) -> MixingTrace:
-  hg_fn = {
-    "forward": bilevel.hypergrad_forward,
-    "reverse": bilevel.hypergrad_reverse,
-  }[hypergrad]
+  if hypergrad == "forward":
+    hg_fn = bilevel.hypergrad_forward
+  else:
+    hg_fn = functools.partial(bilevel.hypergrad_reverse, remat=remat)
   update = OUTER_UPDATES[outer]
 
   def one_round(carry, key_k):
@@ -213,6 +215,7 @@ _run_jit = jax.jit(
     "batch_fn",
     "val_batch_fn",
     "normalize",
+    "remat",
   ),
 )
 
@@ -257,6 +260,7 @@ def run_mixing(
   normalize: bool = False,
   eval_batch: Batch | None = None,
   check_finite: bool = True,
+  remat: bool = False,
 ) -> MixingTrace:
   """Bilevel data mixing with a weight update every T inner steps.
 
@@ -295,6 +299,8 @@ def run_mixing(
       validation data.
     check_finite: raise if a hypergradient or validation loss is
       non-finite (skipped when called under an outer transformation).
+    remat: with ``hypergrad="reverse"``, checkpoint each inner step (see
+      :func:`.bilevel.hypergrad_reverse`); ignored by forward mode.
 
   Returns:
     A :class:`MixingTrace`.
@@ -348,6 +354,7 @@ def run_mixing(
     batch_fn=batch_fn,
     val_batch_fn=val_batch_fn,
     normalize=bool(normalize),
+    remat=bool(remat),
   )
   if check_finite and not isinstance(trace.h_RxK, jax.core.Tracer):
     _check_finite_trace(trace, lr, beta)
