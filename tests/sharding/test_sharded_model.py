@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from dataweights import sharding
 from dataweights.configs import lm
 from dataweights.configs.base import ConfigError
+from dataweights.models import gpt2
 from dataweights.models import transformer as tr
 
 # 8 heads, widths and vocabulary divisible by 8: every mesh below fits.
@@ -142,6 +143,54 @@ def test_per_example_vmap_under_mesh(batch, reference):
 
   with jax.set_mesh(mesh):
     got = per_example(state, *sharding.shard_batch((tok, mask), mesh))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _gpt2_tensors(seed=0):
+  rng = np.random.default_rng(seed)
+  d, f, v, p = CFG.d_model, CFG.d_mlp, CFG.vocab_size, CFG.max_len
+  shapes = {
+    "wte.weight": (v, d),
+    "wpe.weight": (p, d),
+    "ln_f.weight": (d,),
+    "ln_f.bias": (d,),
+  }
+  for i in range(CFG.num_layers):
+    shapes.update(
+      {
+        f"h.{i}.ln_1.weight": (d,),
+        f"h.{i}.ln_1.bias": (d,),
+        f"h.{i}.ln_2.weight": (d,),
+        f"h.{i}.ln_2.bias": (d,),
+        f"h.{i}.attn.c_attn.weight": (d, 3 * d),
+        f"h.{i}.attn.c_attn.bias": (3 * d,),
+        f"h.{i}.attn.c_proj.weight": (d, d),
+        f"h.{i}.attn.c_proj.bias": (d,),
+        f"h.{i}.mlp.c_fc.weight": (d, f),
+        f"h.{i}.mlp.c_fc.bias": (f,),
+        f"h.{i}.mlp.c_proj.weight": (f, d),
+        f"h.{i}.mlp.c_proj.bias": (d,),
+      }
+    )
+  return {
+    k: (0.3 * rng.standard_normal(s)).astype(np.float32)
+    for k, s in shapes.items()
+  }
+
+
+def test_gpt2_load_into_shards(batch):
+  tensors = _gpt2_tensors()
+  mesh = sharding.make_mesh(MESHES["dp2_fsdp2_tp2"])
+  plain = gpt2.load_gpt2_tensors(tensors, CFG)
+  sharded = gpt2.load_gpt2_tensors(tensors, CFG, mesh=mesh)
+  kernel = sharded.blocks[0].attn.query.kernel.get_value()
+  assert kernel.sharding.spec == P("fsdp", "model", None)
+  assert kernel.addressable_shards[0].data.shape == (16, 4, 4)
+  tok = jnp.asarray(batch[0])
+  fwd = nnx.jit(lambda m, t: m(t))
+  want = fwd(plain, tok)
+  with jax.set_mesh(mesh):
+    got = fwd(sharded, sharding.shard_batch(tok, mesh))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
