@@ -27,6 +27,13 @@ inside ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(RULES)`` (what
 :func:`dataweights.sharding.create_sharded` does) parameters are born in
 their shards.
 
+Inside a mesh the residual stream is constrained to the batch mesh axes
+(``data``, ``fsdp``) so FSDP splits activations as well as parameters.
+``cfg.dtype`` is the compute dtype (parameters are cast at use, LayerNorm
+and softmax run in float32, logits are returned in float32);
+``cfg.param_dtype`` the storage dtype; ``cfg.remat`` recomputes each block
+in the backward pass (``nnx.remat``).
+
 Functional use (hypergradients, per-example gradients)::
 
   graphdef, params = nnx.split(model, nnx.Param)
