@@ -155,7 +155,7 @@ def test_replay_forward_equals_reverse_minibatch(x64):
   np.testing.assert_allclose(val_C[-1], problem.val_loss(p, None), rtol=1e-9)
 
 
-def test_jit_equals_no_jit(x64):
+def test_jit_equals_no_jit_and_vmap_equals_loop(x64):
   problem, params0, train, val = _three_domains(dtype=jnp.float64, M=16)
   batch_fn, val_batch_fn = _batch_fns(train, val, T=2, B=4)
   kw = dict(
@@ -174,6 +174,16 @@ def test_jit_equals_no_jit(x64):
     tr_eager = mixing.run_mixing(problem, params0, w0_K, **kw)
   for a, b in zip(tr, tr_eager, strict=True):
     _tree_close(a, b, rtol=1e-10, atol=1e-13)
+  # Under jit(vmap) over seeds (as the chapter's sweeps call it): row s is
+  # the run with key s. Checks are skipped for tracers, not broken by them.
+  keys = jax.random.split(jax.random.key(1), 2)
+  kw_v = {k: v for k, v in kw.items() if k != "key"}
+  tr_S = jax.jit(
+    jax.vmap(lambda k: mixing.run_mixing(problem, params0, w0_K, key=k, **kw_v))
+  )(keys)
+  tr_1 = mixing.run_mixing(problem, params0, w0_K, key=keys[1], **kw_v)
+  for a, b in zip(tr_S, tr_1, strict=True):
+    _tree_close(a[1], b, rtol=1e-10, atol=1e-13)
   # normalize=True: each round's hypergradient has max |h_j| = 1.
   np.testing.assert_allclose(np.abs(tr.h_RxK).max(axis=1), 1.0, rtol=1e-12)
 
