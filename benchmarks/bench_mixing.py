@@ -20,10 +20,15 @@ the other tenants (wall times are stored too). On GPU use wall time. Compiled me
 comes from XLA's ``memory_analysis()`` (temp / argument / output bytes).
 Each cell reports ``ratio = time(mode) / time(plain)`` at the same T, K.
 
-Problem (representative of the chapter's small-MLP experiments): a tanh
-MLP regressor 32 -> 32 -> 1 (|θ| = 1089 parameters, float32), full batch of
-256 training examples split evenly over the K domains (so the plain step
-costs the same for every K), 64 validation examples, squared loss.
+Problems (``--problem``, default both), full batch, float32, lr 0.05:
+
+* ``mlp``: a tanh MLP regressor 32 -> 32 -> 1 (|θ| = 1089), 256 training
+  examples split evenly over the K domains (the plain step costs the same
+  for every K), 64 validation examples, squared loss; compute-bound with
+  large per-step residuals (activations) for reverse mode;
+* ``logistic``: logistic regression on 1024 features (|θ| = 1025), 512
+  training examples split over K domains with label noise growing with
+  the domain index; matrix-vector bound with tiny per-step residuals.
 
 Floors (task brief):
 1. forward-mode memory does not grow with T: for every K, XLA temp bytes
@@ -32,6 +37,11 @@ Floors (task brief):
    so T = 1 is reported but not compared). The JSON also gives each mode's
    extra bytes per extra inner step;
 2. for K <= 4 and T >= 100 forward is no slower than reverse (min time).
+
+What to expect: forward mode does K Hessian-vector products per inner
+step, reverse mode about one, so on FLOPs forward loses once K >= 2; it
+wins on memory always and on time only where reverse mode is memory-bound
+(long T with large residuals). The floors are reported as measured.
 
   python benchmarks/bench_mixing.py --out bench-results/mixing.json [--quick]
 """
