@@ -16,8 +16,9 @@ that outside load hits them alike, each repeat long enough to hide
 dispatch. On CPU, XLA runs single-threaded (set below, before JAX starts;
 ``--multithread`` keeps XLA's default) and ratios use the *process CPU
 time*, minimum over repeats: on a shared machine wall time mostly measures
-the other tenants (wall times are stored too). On GPU use wall time. Compiled memory
-comes from XLA's ``memory_analysis()`` (temp / argument / output bytes).
+the other tenants (wall times are stored too). On GPU, wall time is used.
+Compiled memory comes from XLA's ``memory_analysis()`` (temp / argument /
+output bytes).
 Each cell reports ``ratio = time(mode) / time(plain)`` at the same T, K.
 
 Problems (``--problem``, default both), full batch, float32, lr 0.05:
