@@ -158,7 +158,7 @@ class HorizonScalingConfig:
   """Beyond the paper: best horizon T*(N) against log N and sqrt(N log N)."""
 
   profile: str = "book"
-  horizons: tuple[int, ...] = (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 130, 200, 300, 500, 800, 1300, 2000)
+  horizons: tuple[int, ...] = (1, 3, 8, 20, 50, 130, 300, 800, 2000)
   budgets: tuple[int, ...] = (250, 500, 1000, 2000, 5000, 10000, 20000)
   lr: float = 0.02  # inner step size eta
   beta: float = 0.1  # EG outer step size

@@ -429,7 +429,7 @@ def sample_domain(
   y_M = jax.random.bernoulli(k_y, 0.5, (n,))
   sign_M = 2.0 * y_M.astype(jnp.float32) - 1.0
   z_MxD = sign_M[:, None] * mean_D[None] + jax.random.normal(k_x, (n, mean_D.shape[-1]))
-  x_MxD = z_MxD * jnp.asarray(scale_D, jnp.float32)
+  x_MxD = z_MxD * jnp.broadcast_to(jnp.asarray(scale_D, jnp.float32), mean_D.shape)[None, :]
   flipped_M = jax.random.bernoulli(k_f, flip, (n,))
   y_M = jnp.where(flipped_M, ~y_M, y_M)
   return x_MxD, y_M.astype(jnp.float32)
