@@ -41,7 +41,7 @@ def plot_greedy(data: dict[str, Any]) -> Figure:
            label="greedy fixed point")
   ax0.set(xlabel=r"$\theta_1$", ylabel=r"$\theta_2$", aspect="equal",
           xlim=(-0.6, 2.4), ylim=(-0.6, 2.4))
-  ax0.legend(fontsize=7, loc="upper left")
+  ax0.legend(fontsize=7, loc="lower right")
   _style(ax0, "inner optima and validation level sets")
 
   w2 = np.array(data["curve"]["w2"])
