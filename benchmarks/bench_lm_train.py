@@ -106,26 +106,37 @@ def measure_peak(n: int, repeats: int) -> dict:
   return {"n": n, "seconds": sec, "gflops": 2 * n**3 / sec / 1e9}
 
 
-def model_flops_per_step(cfg, n_params_matmul: int, batch: int,
-                         length: int) -> float:
+def model_flops_per_step(
+  cfg, n_params_matmul: int, batch: int, length: int
+) -> float:
   """6 N T + 12 n_layers L D T (see the module docstring)."""
   tokens = batch * length
-  return (6 * n_params_matmul * tokens
-          + 12 * cfg.num_layers * length * cfg.d_model * tokens)
+  return (
+    6 * n_params_matmul * tokens
+    + 12 * cfg.num_layers * length * cfg.d_model * tokens
+  )
 
 
 def _matmul_shapes(cfg, batch: int, length: int):
   """(M, K, N) of every forward matmul of the model, per step."""
-  bl, d, f, v, h = batch * length, cfg.d_model, cfg.d_mlp, cfg.vocab_size, (
-    cfg.num_heads)
+  bl, d, f, v, h = (
+    batch * length,
+    cfg.d_model,
+    cfg.d_mlp,
+    cfg.vocab_size,
+    (cfg.num_heads),
+  )
   per_layer = [(bl, d, d)] * 4 + [(bl, d, f), (bl, f, d)]
-  attn = [(batch * h * length, cfg.head_dim, length),
-          (batch * h * length, length, cfg.head_dim)]
+  attn = [
+    (batch * h * length, cfg.head_dim, length),
+    (batch * h * length, length, cfg.head_dim),
+  ]
   return per_layer * cfg.num_layers + attn * cfg.num_layers + [(bl, d, v)]
 
 
-def measure_breakdown(static, state, batch, tx, cfg, length, step_fn,
-                      repeats, steps):
+def measure_breakdown(
+  static, state, batch, tx, cfg, length, step_fn, repeats, steps
+):
   """Times the step, forward, forward+backward, optimiser, bare matmuls.
 
   All are timed in interleaved rounds (best of ``repeats``).
@@ -144,24 +155,33 @@ def measure_breakdown(static, state, batch, tx, cfg, length, step_fn,
   opt_state = jax.tree.map(jnp.copy, state.opt_state)
   upd = jax.jit(lambda g, s, p: tx.update(g, s, p))
   shapes = _matmul_shapes(cfg, batch["tokens_BxL"].shape[0], length)
-  mats = [(jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32))
-          for m, k, n in shapes]
+  mats = [
+    (jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32))
+    for m, k, n in shapes
+  ]
   all_matmuls = jax.jit(lambda mats: [a @ b for a, b in mats])
-  best = _best_times_interleaved({
-    "train_step_s": step_fn,
-    "forward_s": lambda: fwd(params),
-    "forward_backward_s": lambda: grad(params),
-    "optimizer_update_s": lambda: upd(grads, opt_state, params),
-    "forward_matmuls_only_s": lambda: all_matmuls(mats),
-  }, repeats, {"train_step_s": steps})
+  best = _best_times_interleaved(
+    {
+      "train_step_s": step_fn,
+      "forward_s": lambda: fwd(params),
+      "forward_backward_s": lambda: grad(params),
+      "optimizer_update_s": lambda: upd(grads, opt_state, params),
+      "forward_matmuls_only_s": lambda: all_matmuls(mats),
+    },
+    repeats,
+    {"train_step_s": steps},
+  )
   flops = sum(2 * m * k * n for m, k, n in shapes)
   best["forward_matmul_flops"] = flops
   best["forward_matmul_gflops_at_model_shapes"] = (
-    flops / best["forward_matmuls_only_s"] / 1e9)
+    flops / best["forward_matmuls_only_s"] / 1e9
+  )
   best["backward_over_forward"] = (
-    best["forward_backward_s"] / best["forward_s"] - 1)
+    best["forward_backward_s"] / best["forward_s"] - 1
+  )
   best["non_matmul_share_of_forward"] = 1 - (
-    best["forward_matmuls_only_s"] / best["forward_s"])
+    best["forward_matmuls_only_s"] / best["forward_s"]
+  )
   return best
 
 
@@ -183,11 +203,15 @@ def measure_checkpoint(state, shardings, repeats: int) -> dict:
       restores.append(time.perf_counter() - t0)
       mngr.close()
     size = sum(p.stat().st_size for p in (tmp / "0").rglob("*") if p.is_file())
-    return {"save_s_best": min(saves), "restore_s_best": min(restores),
-            "save_s_all": saves, "restore_s_all": restores,
-            "bytes_on_disk": size,
-            "note": "save includes the bit-exact checksums; restore verifies "
-                    "them and the layout"}
+    return {
+      "save_s_best": min(saves),
+      "restore_s_best": min(restores),
+      "save_s_all": saves,
+      "restore_s_all": restores,
+      "bytes_on_disk": size,
+      "note": "save includes the bit-exact checksums; restore verifies "
+      "them and the layout",
+    }
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -199,12 +223,16 @@ def run(profile: str, steps: int, repeats: int, peak_n: int) -> dict:
   rng = np.random.default_rng(0)
   device = jax.devices()[0]
   single = SingleDeviceSharding(device)
-  batch = jax.device_put({
-    "tokens_BxL": rng.integers(0, 256, (batch_size, length + 1)).astype(
-      np.int32),
-    "mask_BxL": np.ones((batch_size, length + 1), np.float32),
-    "domain_B": rng.integers(0, 3, batch_size).astype(np.int32),
-  }, single)
+  batch = jax.device_put(
+    {
+      "tokens_BxL": rng.integers(0, 256, (batch_size, length + 1)).astype(
+        np.int32
+      ),
+      "mask_BxL": np.ones((batch_size, length + 1), np.float32),
+      "domain_B": rng.integers(0, 3, batch_size).astype(np.int32),
+    },
+    single,
+  )
 
   peak = measure_peak(peak_n, repeats)
 
@@ -212,9 +240,14 @@ def run(profile: str, steps: int, repeats: int, peak_n: int) -> dict:
   tx = optim.make_optimizer(train_cfg)
   state, static, shardings = init_train_state(model, tx, seed=0)
   step = jit_train_step(
-    make_train_step(static, domain_names=["a", "b", "c"],
-                    schedule=optim.make_schedule(train_cfg)),
-    shardings, single, single,
+    make_train_step(
+      static,
+      domain_names=["a", "b", "c"],
+      schedule=optim.make_schedule(train_cfg),
+    ),
+    shardings,
+    single,
+    single,
   )
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -233,22 +266,38 @@ def run(profile: str, steps: int, repeats: int, peak_n: int) -> dict:
   n_matmul = n_all - model_cfg.max_len * model_cfg.d_model  # minus wpe
   flops = model_flops_per_step(model_cfg, n_matmul, batch_size, length)
   tokens = batch_size * length
-  breakdown = measure_breakdown(static, holder["state"], batch, tx, model_cfg,
-                                length, one_step, repeats, steps)
+  breakdown = measure_breakdown(
+    static,
+    holder["state"],
+    batch,
+    tx,
+    model_cfg,
+    length,
+    one_step,
+    repeats,
+    steps,
+  )
   step_s = breakdown["train_step_s"]
   mfu = flops / step_s / (peak["gflops"] * 1e9)
   # If every op were a matmul running at the rate the model's own matmul
   # shapes reach here (backward = 2x forward matmul work):
   matmul_bound_s = 3 * breakdown["forward_matmuls_only_s"]
   breakdown["mfu_ceiling_if_only_matmuls"] = (
-    flops / matmul_bound_s / (peak["gflops"] * 1e9))
+    flops / matmul_bound_s / (peak["gflops"] * 1e9)
+  )
   ckpt = measure_checkpoint(holder["state"], shardings, repeats)
   return {
     "profile": profile,
-    "shape": {"batch": batch_size, "length": length,
-              "layers": model_cfg.num_layers, "d_model": model_cfg.d_model,
-              "d_mlp": model_cfg.d_mlp, "vocab": model_cfg.vocab_size,
-              "params": n_all, "params_in_matmuls": n_matmul},
+    "shape": {
+      "batch": batch_size,
+      "length": length,
+      "layers": model_cfg.num_layers,
+      "d_model": model_cfg.d_model,
+      "d_mlp": model_cfg.d_mlp,
+      "vocab": model_cfg.vocab_size,
+      "params": n_all,
+      "params_in_matmuls": n_matmul,
+    },
     "peak_matmul": peak,
     "compile_s": compile_s,
     "train_step_s_best": step_s,
@@ -258,24 +307,29 @@ def run(profile: str, steps: int, repeats: int, peak_n: int) -> dict:
     "model_gflops_per_s": flops / step_s / 1e9,
     "mfu": mfu,
     "mfu_formula": "(6*N*T + 12*layers*L*D*T) / step_s / peak; N = params "
-                   "in matmuls (all but wpe), T = B*L tokens",
+    "in matmuls (all but wpe), T = B*L tokens",
     "breakdown": breakdown,
     "checkpoint": ckpt,
   }
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawTextHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
   ap.add_argument("--out", default="bench-results/lm_train.json")
-  ap.add_argument("--quick", action="store_true",
-                  help="smoke shape, 2 repeats: a few seconds")
+  ap.add_argument(
+    "--quick", action="store_true", help="smoke shape, 2 repeats: a few seconds"
+  )
   ap.add_argument("--profile", default="book")
   ap.add_argument("--steps", type=int, default=5, help="steps per round")
   ap.add_argument("--repeats", type=int, default=5, help="rounds (best-of)")
   ap.add_argument("--peak-n", type=int, default=2048)
-  ap.add_argument("--note", default="",
-                  help="free text stored in the JSON (e.g. 'machine shared')")
+  ap.add_argument(
+    "--note",
+    default="",
+    help="free text stored in the JSON (e.g. 'machine shared')",
+  )
   args = ap.parse_args()
   if args.quick:
     args.profile, args.steps, args.repeats, args.peak_n = "smoke", 2, 2, 512
@@ -283,8 +337,7 @@ def main() -> None:
   out = run(args.profile, args.steps, args.repeats, args.peak_n)
   out["note"] = args.note
   out["cpu_count"] = os.cpu_count()
-  out["provenance"] = results.provenance(args.profile,
-                                         time.perf_counter() - t0)
+  out["provenance"] = results.provenance(args.profile, time.perf_counter() - t0)
   path = Path(args.out)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(results.to_jsonable(out), indent=1))

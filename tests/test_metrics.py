@@ -60,13 +60,19 @@ def test_domain_to_example_weights_realise_sum_w_K_L_K():
 
 
 def test_domain_metrics_keys_and_bad_names():
-  out = metrics.domain_metrics(jnp.array([1.0, 2.0]), jnp.array([3, 4]),
-                               ["web", "code"])
-  assert set(out) == {"loss/domain/web", "loss/domain/code",
-                      "count/domain/web", "count/domain/code"}
+  out = metrics.domain_metrics(
+    jnp.array([1.0, 2.0]), jnp.array([3, 4]), ["web", "code"]
+  )
+  assert set(out) == {
+    "loss/domain/web",
+    "loss/domain/code",
+    "count/domain/web",
+    "count/domain/code",
+  }
   with pytest.raises(ValueError, match="3 domain names.*2 domains"):
-    metrics.domain_metrics(jnp.array([1.0, 2.0]), jnp.array([1, 1]),
-                           ["a", "b", "c"])
+    metrics.domain_metrics(
+      jnp.array([1.0, 2.0]), jnp.array([1, 1]), ["a", "b", "c"]
+    )
 
 
 def test_global_norm():
@@ -75,8 +81,12 @@ def test_global_norm():
 
 
 def test_nonfinite_keys():
-  m = {"loss": np.float32(np.nan), "grad_norm": np.float32(1.0),
-       "x": np.array([1.0, np.inf]), "step": np.int32(3)}
+  m = {
+    "loss": np.float32(np.nan),
+    "grad_norm": np.float32(1.0),
+    "x": np.array([1.0, np.inf]),
+    "step": np.int32(3),
+  }
   assert metrics.nonfinite_keys(m) == ["loss", "x"]
 
 

@@ -5,11 +5,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from dataweights import metrics
 from dataweights.checkpoint import CheckpointError, CheckpointManager
 from dataweights.configs import lm
 from dataweights.configs import train as train_configs
@@ -18,7 +16,7 @@ from dataweights.models.transformer import Transformer
 from dataweights.train import optim
 from dataweights.train.loop import NonFiniteError, Trainer, train_lm
 from dataweights.train.state import init_train_state
-from dataweights.train.step import lm_loss, make_train_step
+from dataweights.train.step import make_train_step
 
 B, L, K = 4, 9, 3
 NAMES = ["web", "code", "noise"]
@@ -29,9 +27,11 @@ def _compilation_cache(tmp_path_factory):
   """A persistent XLA cache: the loop tests build several trainers with the
   same config (as a resumed process would); XLA compiles are deterministic,
   so a cache hit only saves the 5-15 s compile of an identical program."""
-  keys = ("jax_compilation_cache_dir",
-          "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
+  keys = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   old = {k: getattr(jax.config, k) for k in keys}
   jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
   jax.config.update(keys[1], 0)
@@ -71,8 +71,9 @@ def toy_batch(seed, batch_size=8):
 
 def toy_setup(train_cfg, extra=None):
   tx = optim.make_optimizer(train_cfg)
-  state, static, _ = init_train_state(ToyRegressor(nnx.Rngs(0)), tx, seed=0,
-                                      extra=extra)
+  state, static, _ = init_train_state(
+    ToyRegressor(nnx.Rngs(0)), tx, seed=0, extra=extra
+  )
   return state, static
 
 
@@ -88,7 +89,7 @@ def tiny_train_cfg(**kw):
 def make_batch(seed, batch_size=B, weights=False):
   rng = np.random.default_rng(seed)
   mask = np.ones((batch_size, L), np.float32)
-  mask[0, L - 3:] = 0  # a right-padded example
+  mask[0, L - 3 :] = 0  # a right-padded example
   out = {
     "tokens_BxL": rng.integers(0, 256, (batch_size, L)).astype(np.int32),
     "mask_BxL": mask,
@@ -101,22 +102,25 @@ def make_batch(seed, batch_size=B, weights=False):
 
 def _allclose(a, b, rtol=1e-5, atol=1e-6):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=atol)
+    np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol
+    )
 
 
 def _bitwise_equal(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return len(la) == len(lb) and all(
-    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+  )
 
 
 # --- optimiser factories -----------------------------------------------------
 
 
 def test_schedules_match_closed_forms():
-  cfg = tiny_train_cfg(learning_rate=0.1, warmup_steps=10, steps=110,
-                       min_lr_ratio=0.1)
+  cfg = tiny_train_cfg(
+    learning_rate=0.1, warmup_steps=10, steps=110, min_lr_ratio=0.1
+  )
   cos = optim.make_schedule(cfg)
   assert float(cos(0)) == 0.0
   assert float(cos(5)) == pytest.approx(0.05)
@@ -134,24 +138,39 @@ def test_schedules_match_closed_forms():
 def test_weight_decay_skips_biases_and_norms():
   # Zero gradients: the only change is decoupled decay lr * wd * p, and only
   # on rank >= 2 parameters.
-  cfg = tiny_train_cfg(learning_rate=0.1, warmup_steps=0, schedule="constant",
-                       weight_decay=0.5, grad_clip=0.0)
-  params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3),
-            "ln": {"scale": jnp.ones(3)}}
+  cfg = tiny_train_cfg(
+    learning_rate=0.1,
+    warmup_steps=0,
+    schedule="constant",
+    weight_decay=0.5,
+    grad_clip=0.0,
+  )
+  params = {
+    "kernel": jnp.ones((2, 3)),
+    "bias": jnp.ones(3),
+    "ln": {"scale": jnp.ones(3)},
+  }
   for name in ("adamw", "sgd"):
     tx = optim.make_optimizer(dataclasses.replace(cfg, optimizer=name, b1=0.0))
     zeros = jax.tree.map(jnp.zeros_like, params)
     upd, _ = tx.update(zeros, tx.init(params), params)
-    np.testing.assert_allclose(upd["kernel"], -0.05 * np.ones((2, 3)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      upd["kernel"], -0.05 * np.ones((2, 3)), rtol=1e-6
+    )
     np.testing.assert_array_equal(upd["bias"], 0.0)
     np.testing.assert_array_equal(upd["ln"]["scale"], 0.0)
 
 
 def test_clipping_bounds_the_update():
-  cfg = tiny_train_cfg(optimizer="sgd", b1=0.0, learning_rate=1.0,
-                       warmup_steps=0, schedule="constant", weight_decay=0.0,
-                       grad_clip=2.0)
+  cfg = tiny_train_cfg(
+    optimizer="sgd",
+    b1=0.0,
+    learning_rate=1.0,
+    warmup_steps=0,
+    schedule="constant",
+    weight_decay=0.0,
+    grad_clip=2.0,
+  )
   tx = optim.make_optimizer(cfg)
   g = {"a": jnp.array([30.0, 40.0])}
   upd, _ = tx.update(g, tx.init(g), g)
@@ -183,14 +202,22 @@ def test_accumulation_equals_one_big_batch_toy(optimizer):
   # Per-example and domain weights depend on the whole batch; accumulating
   # over 4 microbatches must still give the big-batch update, also through
   # Adam's normalisation.
-  cfg = tiny_train_cfg(optimizer=optimizer, batch_size=8, warmup_steps=0,
-                       schedule="constant", learning_rate=0.05)
+  cfg = tiny_train_cfg(
+    optimizer=optimizer,
+    batch_size=8,
+    warmup_steps=0,
+    schedule="constant",
+    learning_rate=0.05,
+  )
   extra = {"w_K": jnp.array([0.6, 0.3, 0.1])}
   out = []
   for acc in (1, 4):
     state, static = toy_setup(cfg, extra)
-    step = jax.jit(make_train_step(static, loss_fn=toy_loss,
-                                   accumulation_steps=acc, domain_names=NAMES))
+    step = jax.jit(
+      make_train_step(
+        static, loss_fn=toy_loss, accumulation_steps=acc, domain_names=NAMES
+      )
+    )
     for i in range(3):
       state, m = step(state, toy_batch(i))
     out.append((state, m))
@@ -208,16 +235,23 @@ def test_accumulation_equals_one_big_batch_transformer():
   # gradient itself. (Under Adam, parameters whose exact gradient is 0 --
   # the attention key bias, by softmax shift invariance -- get float noise
   # normalised to +-lr, which differs between the two summation orders.)
-  cfg = tiny_train_cfg(optimizer="sgd", b1=0.9, batch_size=8,
-                       warmup_steps=0, schedule="constant",
-                       learning_rate=0.5, grad_clip=0.0)
+  cfg = tiny_train_cfg(
+    optimizer="sgd",
+    b1=0.9,
+    batch_size=8,
+    warmup_steps=0,
+    schedule="constant",
+    learning_rate=0.5,
+    grad_clip=0.0,
+  )
   extra = {"w_K": jnp.array([0.6, 0.3, 0.1])}
   batch = make_batch(3, batch_size=8, weights=True)
   out = []
   for acc in (1, 4):
     state, static = _setup(cfg, extra=extra)
-    step = jax.jit(make_train_step(static, accumulation_steps=acc,
-                                   domain_names=NAMES))
+    step = jax.jit(
+      make_train_step(static, accumulation_steps=acc, domain_names=NAMES)
+    )
     state, _ = step(state, batch)
     state, m = step(state, batch)
     out.append((state, m, static))
@@ -232,8 +266,9 @@ def test_weighted_objective_and_domain_metrics():
   w_K = jnp.array([0.5, 0.3, 0.2])
   state, static = toy_setup(cfg, {"w_K": w_K})
   batch = toy_batch(5)
-  _, m = jax.jit(make_train_step(static, loss_fn=toy_loss,
-                                 domain_names=NAMES))(state, batch)
+  _, m = jax.jit(make_train_step(static, loss_fn=toy_loss, domain_names=NAMES))(
+    state, batch
+  )
   loss_B = toy_loss(static.model(state), batch, None)
   weight_B = batch["weight_B"]
   d_B = np.asarray(batch["domain_B"])
@@ -242,8 +277,7 @@ def test_weighted_objective_and_domain_metrics():
   eff_B = np.asarray(weight_B) * np.asarray(w_K)[d_B] / n_K[d_B]
   want = float(np.sum(eff_B * np.asarray(loss_B)) / np.sum(eff_B))
   np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
-  np.testing.assert_allclose(m["loss/mean"], float(jnp.mean(loss_B)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(m["loss/mean"], float(jnp.mean(loss_B)), rtol=1e-5)
   for k, name in enumerate(NAMES):
     sel = d_B == k
     direct = float(np.asarray(loss_B)[sel].mean()) if sel.any() else 0.0
@@ -262,8 +296,9 @@ def test_domain_weights_without_domain_ids_raise():
 def test_jit_equals_no_jit():
   cfg = tiny_train_cfg(warmup_steps=0, schedule="constant")
   state, static = toy_setup(cfg, {"w_K": jnp.array([0.5, 0.3, 0.2])})
-  fn = make_train_step(static, loss_fn=toy_loss, domain_names=NAMES,
-                       use_rng=True)
+  fn = make_train_step(
+    static, loss_fn=toy_loss, domain_names=NAMES, use_rng=True
+  )
   batch = toy_batch(1)
   eager_state, eager_m = fn(state, batch)
   jit_state, jit_m = jax.jit(fn)(state, batch)
@@ -313,8 +348,9 @@ LOOP_EXTRA = {"w_K": jnp.array([0.5, 0.3, 0.2])}
 
 def loop_trainer(ckpt_dir, **kw):
   cfg = tiny_train_cfg(checkpoint_dir=str(ckpt_dir), **{**LOOP_TRAIN, **kw})
-  return Trainer(tiny_model_cfg(**LOOP_MODEL), cfg, extra=LOOP_EXTRA,
-                 domain_names=NAMES)
+  return Trainer(
+    tiny_model_cfg(**LOOP_MODEL), cfg, extra=LOOP_EXTRA, domain_names=NAMES
+  )
 
 
 def test_resume_is_bitwise_identical(tmp_path):
@@ -335,8 +371,9 @@ def test_resume_is_bitwise_identical(tmp_path):
   assert hist.rows == ref_hist.rows and len(hist) == 6
   assert "loss/domain/web" in hist.last()
   assert CheckpointManager(tmp_path / "b").steps() == [3, 6]
-  assert not _bitwise_equal(state.params, loop_trainer(tmp_path / "c")
-                            .state.params)
+  assert not _bitwise_equal(
+    state.params, loop_trainer(tmp_path / "c").state.params
+  )
 
 
 def test_resume_refuses_other_config_and_overwrite(tmp_path):
@@ -348,9 +385,12 @@ def test_resume_refuses_other_config_and_overwrite(tmp_path):
   with pytest.raises(CheckpointError, match=r"train\.learning_rate"):
     loop_trainer(tmp_path, learning_rate=0.5).run(ToySampler())
   with pytest.raises(CheckpointError, match=r"model\.d_mlp"):
-    train_lm(tiny_model_cfg(d_mlp=64, **LOOP_MODEL),
-             tiny_train_cfg(checkpoint_dir=str(tmp_path), **LOOP_TRAIN),
-             ToySampler(), extra=LOOP_EXTRA)
+    train_lm(
+      tiny_model_cfg(d_mlp=64, **LOOP_MODEL),
+      tiny_train_cfg(checkpoint_dir=str(tmp_path), **LOOP_TRAIN),
+      ToySampler(),
+      extra=LOOP_EXTRA,
+    )
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -377,3 +417,24 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
   fresh.restore()
   assert int(fresh.state.step) == 4
   assert _bitwise_equal(fresh.state, err.value.state)
+
+
+@pytest.mark.slow  # compiles the smoke transformer: ~10-30 s on 2 shared cores
+def test_example_runs_and_resumes(tmp_path, capsys):
+  from dataweights.train import example
+
+  args = [
+    "--profile",
+    "smoke",
+    "--synthetic",
+    "--steps",
+    "2",
+    "--checkpoint-dir",
+    str(tmp_path),
+  ]
+  assert example.main(args) == 0
+  assert "synthetic bytes" in capsys.readouterr().out
+  assert example.main(args) == 0
+  out = capsys.readouterr().out
+  assert "resuming from the checkpoint at step 2" in out
+  assert "done at step 2" in out

@@ -111,12 +111,15 @@ def _layout_diff(saved: Mapping[str, list], wanted: Mapping[str, list]) -> str:
   missing = sorted(set(wanted) - set(saved))
   unexpected = sorted(set(saved) - set(wanted))
   if missing:
-    lines.append(f"missing in the checkpoint: {missing[:8]}"
-                 + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    lines.append(
+      f"missing in the checkpoint: {missing[:8]}"
+      + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+    )
   if unexpected:
-    lines.append(f"in the checkpoint but not in this run: {unexpected[:8]}"
-                 + (f" (+{len(unexpected) - 8} more)"
-                    if len(unexpected) > 8 else ""))
+    lines.append(
+      f"in the checkpoint but not in this run: {unexpected[:8]}"
+      + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
+    )
   for key in sorted(set(saved) & set(wanted)):
     if list(saved[key]) != list(wanted[key]):
       lines.append(
@@ -137,8 +140,10 @@ def _config_diff(saved: Any, wanted: Any, ignore: Iterable[str]) -> list[str]:
         if key in ignore:
           continue
         if k not in a or k not in b:
-          diffs.append(f"{key}: checkpoint {a.get(k, '<absent>')!r}, this run "
-                       f"{b.get(k, '<absent>')!r}")
+          diffs.append(
+            f"{key}: checkpoint {a.get(k, '<absent>')!r}, this run "
+            f"{b.get(k, '<absent>')!r}"
+          )
         else:
           walk(a[k], b[k], key)
     elif a != b:
@@ -177,13 +182,16 @@ class CheckpointManager:
     >>> r = mngr.restore(target=abstract_state(state))  # doctest: +SKIP
   """
 
-  def __init__(self, directory: str | Path, *, keep: int = 3,
-               async_save: bool = True):
+  def __init__(
+    self, directory: str | Path, *, keep: int = 3, async_save: bool = True
+  ):
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"keep = {keep!r} is invalid; it must be an int >= 1")
     self.directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=True,
       enable_async_checkpointing=async_save,
     )
     self._mngr = ocp.CheckpointManager(
@@ -225,15 +233,17 @@ class CheckpointManager:
         or orbax fails to write.
     """
     try:
-      host = _jsonable({
-        "format_version": FORMAT_VERSION,
-        "step": int(step),
-        "data_state": data_state,
-        "history": history,
-        "config": config,
-        "layout": tree_layout(state),
-        "checksums": tree_checksums(state),
-      })
+      host = _jsonable(
+        {
+          "format_version": FORMAT_VERSION,
+          "step": int(step),
+          "data_state": data_state,
+          "history": history,
+          "config": config,
+          "layout": tree_layout(state),
+          "checksums": tree_checksums(state),
+        }
+      )
     except TypeError as e:
       raise CheckpointError(
         f"cannot save checkpoint step {step}: host-side state is not "
@@ -242,10 +252,12 @@ class CheckpointManager:
     try:
       self._mngr.save(
         int(step),
-        args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardSave(state),
-          _HOST: ocp.args.JsonSave(host),
-        }),
+        args=ocp.args.Composite(
+          **{
+            _STATE: ocp.args.StandardSave(state),
+            _HOST: ocp.args.JsonSave(host),
+          }
+        ),
         force=True,
       )
     except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -371,6 +383,9 @@ class CheckpointManager:
           f"of {bad[:8]} do not match the checksums written at save time"
         )
     return Restored(
-      step=int(step), state=state, data_state=host.get("data_state"),
-      history=host.get("history"), config=host.get("config"),
+      step=int(step),
+      state=state,
+      data_state=host.get("data_state"),
+      history=host.get("history"),
+      config=host.get("config"),
     )

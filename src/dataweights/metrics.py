@@ -28,7 +28,9 @@ def domain_one_hot(domain_B: ArrayLike, num_domains: int) -> jax.Array:
 
 
 def per_domain_sum(
-  value_B: ArrayLike, domain_B: ArrayLike, num_domains: int,
+  value_B: ArrayLike,
+  domain_B: ArrayLike,
+  num_domains: int,
   weight_B: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Sums of ``weight_B * value_B`` and of ``weight_B`` per domain.
@@ -51,7 +53,9 @@ def per_domain_sum(
 
 
 def per_domain_mean(
-  value_B: ArrayLike, domain_B: ArrayLike, num_domains: int,
+  value_B: ArrayLike,
+  domain_B: ArrayLike,
+  num_domains: int,
   weight_B: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Mean of ``value_B`` over the examples of each domain.
@@ -104,7 +108,9 @@ def domain_to_example_weights(
 
 
 def domain_metrics(
-  loss_K: ArrayLike, count_K: ArrayLike, names: Sequence[str],
+  loss_K: ArrayLike,
+  count_K: ArrayLike,
+  names: Sequence[str],
   prefix: str = "loss/domain",
 ) -> dict[str, jax.Array]:
   """``{"{prefix}/{name}": loss_K[k], "count/domain/{name}": count_K[k]}``.
@@ -130,8 +136,9 @@ def global_norm(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)))
-                      for x in leaves))
+  return jnp.sqrt(
+    sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves)
+  )
 
 
 def nonfinite_keys(metrics: Mapping[str, ArrayLike]) -> list[str]:

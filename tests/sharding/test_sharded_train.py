@@ -18,8 +18,9 @@ from dataweights.train.loop import Trainer
 from dataweights.train.state import abstract_state
 
 # Widths, heads and vocabulary divisible by 8: every mesh below fits.
-MODEL = lm.lm_model("smoke", num_layers=1, d_model=32, num_heads=8,
-                    d_mlp=64, max_len=16)
+MODEL = lm.lm_model(
+  "smoke", num_layers=1, d_model=32, num_heads=8, d_mlp=64, max_len=16
+)
 B, L, K = 16, 9, 3
 NAMES = ["a", "b", "c"]
 MESHES = {
@@ -33,9 +34,11 @@ STEPS = 2
 def _compilation_cache(tmp_path_factory):
   """Persistent XLA cache: the fresh trainers below compile the same programs
   as earlier ones (as a resumed process would); compiles are deterministic."""
-  keys = ("jax_compilation_cache_dir",
-          "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
+  keys = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   old = {k: getattr(jax.config, k) for k in keys}
   jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
   jax.config.update(keys[1], 0)
@@ -60,16 +63,28 @@ def _cfg(**kw):
   # the attention key bias, into +-lr steps that differ between reduction
   # orders.)
   return train_configs.train(
-    "smoke", batch_size=B, accumulation_steps=2, steps=STEPS,
-    optimizer="sgd", b1=0.9, learning_rate=0.5, warmup_steps=0,
-    schedule="constant", **kw
+    "smoke",
+    batch_size=B,
+    accumulation_steps=2,
+    steps=STEPS,
+    optimizer="sgd",
+    b1=0.9,
+    learning_rate=0.5,
+    warmup_steps=0,
+    schedule="constant",
+    **kw,
   )
 
 
 def _trainer(mesh_name, **kw):
   mesh = None if mesh_name is None else sharding.make_mesh(MESHES[mesh_name])
-  return Trainer(MODEL, _cfg(**kw), mesh=mesh, domain_names=NAMES,
-                 extra={"w_K": jnp.array([0.5, 0.3, 0.2])})
+  return Trainer(
+    MODEL,
+    _cfg(**kw),
+    mesh=mesh,
+    domain_names=NAMES,
+    extra={"w_K": jnp.array([0.5, 0.3, 0.2])},
+  )
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +98,27 @@ def reference():
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_sharded_steps_equal_single_device(mesh_name, reference, tmp_path):
   ref_state, ref_hist = reference
-  trainer = _trainer(mesh_name, checkpoint_dir=str(tmp_path),
-                     checkpoint_every=STEPS)
+  trainer = _trainer(
+    mesh_name, checkpoint_dir=str(tmp_path), checkpoint_every=STEPS
+  )
   state, hist = trainer.run(batch_fn)
   trainer.close()
-  for a, b in zip(jax.tree.leaves(jax.device_get(state)),
-                  jax.tree.leaves(ref_state)):
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(ref_state)
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   for key in ("loss", "grad_norm", "loss/domain/a"):
-    np.testing.assert_allclose(hist.series(key)[1], ref_hist.series(key)[1],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      hist.series(key)[1], ref_hist.series(key)[1], rtol=1e-5
+    )
 
   # Parameters and momenta are laid out as the rules say.
   kernel = state.params["blocks"][0]["mlp"]["fc"]["kernel"]
   shard = (4, 64) if mesh_name == "fsdp8" else (32, 64)  # D split 8 ways
   assert kernel.addressable_shards[0].data.shape == shard
-  moments = [x for x in jax.tree.leaves(state.opt_state)
-             if x.shape == kernel.shape]
+  moments = [
+    x for x in jax.tree.leaves(state.opt_state) if x.shape == kernel.shape
+  ]
   assert moments and all(m.sharding == kernel.sharding for m in moments)
 
   # The sharded checkpoint restores into the same shardings, bit for bit.

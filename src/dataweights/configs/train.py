@@ -26,10 +26,16 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "inverse_sqrt")
 
 # Fields that may change between a run and its resumption without changing
 # the arithmetic of the steps already taken (where to log, how often to save).
-RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset({
-  "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "eval_every",
-  "log_every", "progress",
-})
+RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
+  {
+    "checkpoint_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_every",
+    "log_every",
+    "progress",
+  }
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,19 +139,37 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
   # Seconds on CPU: the unit tests and the CI smoke run.
   "smoke": dict(
-    learning_rate=1e-2, warmup_steps=2, steps=8, batch_size=4,
-    checkpoint_every=4, keep_checkpoints=2, progress=False,
+    learning_rate=1e-2,
+    warmup_steps=2,
+    steps=8,
+    batch_size=4,
+    checkpoint_every=4,
+    keep_checkpoints=2,
+    progress=False,
   ),
   # The published CPU run (a few minutes on 2 cores).
   "book": dict(
-    learning_rate=3e-3, warmup_steps=20, steps=300, batch_size=16,
-    checkpoint_every=100, keep_checkpoints=3,
+    learning_rate=3e-3,
+    warmup_steps=20,
+    steps=300,
+    batch_size=16,
+    checkpoint_every=100,
+    keep_checkpoints=3,
   ),
   # GPT-2 124M, nanoGPT's recipe; meant for an accelerator mesh.
   "paper": dict(
-    learning_rate=6e-4, warmup_steps=2000, steps=100_000, batch_size=512,
-    min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95,
-    checkpoint_every=1000, keep_checkpoints=3, log_every=10,
+    learning_rate=6e-4,
+    warmup_steps=2000,
+    steps=100_000,
+    batch_size=512,
+    min_lr_ratio=0.1,
+    grad_clip=1.0,
+    weight_decay=0.1,
+    b1=0.9,
+    b2=0.95,
+    checkpoint_every=1000,
+    keep_checkpoints=3,
+    log_every=10,
   ),
 }
 

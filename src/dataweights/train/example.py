@@ -35,13 +35,21 @@ class SyntheticBytes:
   lower-case words (id 0) and upper-case words (id 1).
   """
 
-  WORDS = [w.encode() for w in (
-    "the data weights learn which examples matter for the target domain "
-    "while training a small language model on bytes").split()]
+  WORDS = [
+    w.encode()
+    for w in (
+      "the data weights learn which examples matter for the target domain "
+      "while training a small language model on bytes"
+    ).split()
+  ]
 
   def __init__(self, batch_size: int, seq_len: int, seed: int = 0):
     self.batch_size, self.seq_len, self.seed, self.step = (
-      batch_size, seq_len, seed, 0)
+      batch_size,
+      seq_len,
+      seed,
+      0,
+    )
 
   def __iter__(self):
     return self
@@ -58,9 +66,11 @@ class SyntheticBytes:
         out += (word.upper() if domain[b] else word) + b" "
       tokens[b] = np.frombuffer(out[: self.seq_len], np.uint8)
     self.step += 1
-    return {"tokens_BxL": tokens,
-            "mask_BxL": np.ones_like(tokens, dtype=bool),
-            "domain_B": domain}
+    return {
+      "tokens_BxL": tokens,
+      "mask_BxL": np.ones_like(tokens, dtype=bool),
+      "domain_B": domain,
+    }
 
   def get_state(self) -> dict[str, Any]:
     return {"seed": self.seed, "step": self.step}
@@ -85,35 +95,52 @@ def text_sampler(profile: str, data_dir: str | None, synthetic: bool):
       sampler = mixture.train_sampler(domains, pipe)
       names = [d.name for d in domains]
       return sampler, names, f"offline text data ({', '.join(names)})"
-    print("[example] the offline text data is not prepared "
-          f"({problems[0]}); run `python -m dataweights.data.prepare --only "
-          "dw_text_domains` to use it. Training on SYNTHETIC bytes instead.",
-          file=sys.stderr)
-  return (SyntheticBytes(pipe.batch_size, pipe.seq_len, pipe.seed),
-          ["lower", "upper"], "synthetic bytes")
+    print(
+      "[example] the offline text data is not prepared "
+      f"({problems[0]}); run `python -m dataweights.data.prepare --only "
+      "dw_text_domains` to use it. Training on SYNTHETIC bytes instead.",
+      file=sys.stderr,
+    )
+  return (
+    SyntheticBytes(pipe.batch_size, pipe.seq_len, pipe.seed),
+    ["lower", "upper"],
+    "synthetic bytes",
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--profile", default="smoke",
-                  choices=["smoke", "book", "paper"])
-  ap.add_argument("--steps", type=int, default=None,
-                  help="updates (default: the profile's)")
-  ap.add_argument("--checkpoint-dir", default=None,
-                  help="default: <tmp>/dataweights_lm_example_<profile>")
-  ap.add_argument("--fresh", action="store_true",
-                  help="delete existing checkpoints first")
-  ap.add_argument("--synthetic", action="store_true",
-                  help="train on synthetic bytes even if data is prepared")
+    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
+  ap.add_argument(
+    "--profile", default="smoke", choices=["smoke", "book", "paper"]
+  )
+  ap.add_argument(
+    "--steps", type=int, default=None, help="updates (default: the profile's)"
+  )
+  ap.add_argument(
+    "--checkpoint-dir",
+    default=None,
+    help="default: <tmp>/dataweights_lm_example_<profile>",
+  )
+  ap.add_argument(
+    "--fresh", action="store_true", help="delete existing checkpoints first"
+  )
+  ap.add_argument(
+    "--synthetic",
+    action="store_true",
+    help="train on synthetic bytes even if data is prepared",
+  )
   ap.add_argument("--data-dir", default=None)
   args = ap.parse_args(argv)
 
   from dataweights.data import pipeline
   from dataweights.train.loop import train_lm
 
-  ckpt = Path(args.checkpoint_dir or Path(tempfile.gettempdir())
-              / f"dataweights_lm_example_{args.profile}")
+  ckpt = Path(
+    args.checkpoint_dir
+    or Path(tempfile.gettempdir()) / f"dataweights_lm_example_{args.profile}"
+  )
   if args.fresh and ckpt.exists():
     shutil.rmtree(ckpt)
   pipe = pipeline.pipeline(args.profile)
@@ -124,23 +151,37 @@ def main(argv: list[str] | None = None) -> int:
   if args.profile == "smoke":
     overrides.update(steps=args.steps or 40, checkpoint_every=20)
   train_cfg = train_configs.train(args.profile, **overrides)
-  sampler, names, what = text_sampler(args.profile, args.data_dir,
-                                      args.synthetic)
-  print(f"[example] {args.profile}: {model_cfg.num_layers} layers, width "
-        f"{model_cfg.d_model}, context {model_cfg.max_len}; {train_cfg.steps} "
-        f"steps of {train_cfg.batch_size} sequences on {what}; checkpoints in "
-        f"{ckpt} (run again to resume)")
-  state, history = train_lm(model_cfg, train_cfg, sampler,
-                            domain_names=names)
+  sampler, names, what = text_sampler(
+    args.profile, args.data_dir, args.synthetic
+  )
+  print(
+    f"[example] {args.profile}: {model_cfg.num_layers} layers, width "
+    f"{model_cfg.d_model}, context {model_cfg.max_len}; {train_cfg.steps} "
+    f"steps of {train_cfg.batch_size} sequences on {what}; checkpoints in "
+    f"{ckpt} (run again to resume)"
+  )
+  from dataweights.checkpoint import CheckpointManager
+
+  if ckpt.exists() and (done := CheckpointManager(ckpt).latest_step()):
+    print(f"[example] resuming from the checkpoint at step {done}")
+  state, history = train_lm(model_cfg, train_cfg, sampler, domain_names=names)
   steps, losses = history.series("loss")
   if steps:
-    print(f"[example] loss {losses[0]:.3f} (step {steps[0]}) -> "
-          f"{losses[-1]:.3f} (step {steps[-1]}); uniform over bytes would be "
-          f"{np.log(256):.3f} nats")
+    print(
+      f"[example] loss {losses[0]:.3f} (step {steps[0]}) -> "
+      f"{losses[-1]:.3f} (step {steps[-1]}); uniform over bytes would be "
+      f"{np.log(256):.3f} nats"
+    )
     last = history.last()
-    per = {n: last.get(f"loss/domain/{n}") for n in names}
-    print("[example] last step, per domain: " + ", ".join(
-      f"{n}={v:.3f}" for n, v in per.items() if v is not None))
+    per = {
+      n: last[f"loss/domain/{n}"]
+      for n in names
+      if last.get(f"count/domain/{n}", 0) > 0
+    }
+    print(
+      "[example] last batch, per domain present: "
+      + ", ".join(f"{n}={v:.3f}" for n, v in per.items())
+    )
   print(f"[example] done at step {int(state.step)}")
   return 0
 

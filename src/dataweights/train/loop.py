@@ -42,7 +42,12 @@ from dataweights.train.state import (
   abstract_state,
   init_train_state,
 )
-from dataweights.train.step import LossFn, jit_train_step, lm_loss, make_train_step
+from dataweights.train.step import (
+  LossFn,
+  jit_train_step,
+  lm_loss,
+  make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +62,31 @@ class NonFiniteError(FloatingPointError):
     checkpoint_step: the last good checkpoint on disk, or None.
   """
 
-  def __init__(self, msg: str, *, step: int, keys: list[str], state: Any,
-               checkpoint_step: int | None):
+  def __init__(
+    self,
+    msg: str,
+    *,
+    step: int,
+    keys: list[str],
+    state: Any,
+    checkpoint_step: int | None,
+  ):
     super().__init__(msg)
     self.step, self.keys, self.state = step, keys, state
     self.checkpoint_step = checkpoint_step
 
 
 def _config_dict(model_cfg: Any, train_cfg: TrainConfig, extra_keys) -> dict:
-  model = (dataclasses.asdict(model_cfg)
-           if dataclasses.is_dataclass(model_cfg) else model_cfg)
-  return {"model": model, "train": train_cfg.to_dict(),
-          "extra": sorted(extra_keys)}
+  model = (
+    dataclasses.asdict(model_cfg)
+    if dataclasses.is_dataclass(model_cfg)
+    else model_cfg
+  )
+  return {
+    "model": model,
+    "train": train_cfg.to_dict(),
+    "extra": sorted(extra_keys),
+  }
 
 
 class _Batches:
@@ -77,8 +95,10 @@ class _Batches:
   def __init__(self, source: Any):
     self.source = source
     self.kind = (
-      "sampler" if hasattr(source, "get_state") and hasattr(source, "set_state")
-      else "function" if callable(source) and not hasattr(source, "__next__")
+      "sampler"
+      if hasattr(source, "get_state") and hasattr(source, "set_state")
+      else "function"
+      if callable(source) and not hasattr(source, "__next__")
       else "iterator"
     )
     self.it = iter(source) if self.kind == "iterator" else None
@@ -165,17 +185,23 @@ class Trainer:
     self.static: StaticParts = static
     self.shardings = shardings
     self.step_fn = make_train_step(
-      static, loss_fn=loss_fn, accumulation_steps=train_cfg.accumulation_steps,
-      domain_names=self.domain_names, schedule=self.schedule, use_rng=use_rng,
+      static,
+      loss_fn=loss_fn,
+      accumulation_steps=train_cfg.accumulation_steps,
+      domain_names=self.domain_names,
+      schedule=self.schedule,
+      use_rng=use_rng,
     )
     self.jit_step = jit_train_step(
       self.step_fn, shardings, self.batch_sharding, self.repl_sharding
     )
     self.config = _config_dict(model_cfg, train_cfg, (extra or {}).keys())
     self.ckpt = (
-      None if train_cfg.checkpoint_dir is None
-      else CheckpointManager(train_cfg.checkpoint_dir,
-                             keep=train_cfg.keep_checkpoints)
+      None
+      if train_cfg.checkpoint_dir is None
+      else CheckpointManager(
+        train_cfg.checkpoint_dir, keep=train_cfg.keep_checkpoints
+      )
     )
 
   def model(self, state: TrainState | None = None) -> nnx.Module:
@@ -184,8 +210,10 @@ class Trainer:
 
   def put_batch(self, batch: dict) -> dict:
     """Checks the batch size and places the batch with its sharding."""
-    arrays = {k: np.asarray(v) if not isinstance(v, jax.Array) else v
-              for k, v in batch.items()}
+    arrays = {
+      k: np.asarray(v) if not isinstance(v, jax.Array) else v
+      for k, v in batch.items()
+    }
     want = self.train_cfg.batch_size
     for key, x in arrays.items():
       if x.ndim == 0 or x.shape[0] != want:
@@ -199,8 +227,9 @@ class Trainer:
       return sharding.shard_batch(arrays, self.mesh)
     return jax.device_put(arrays, self.batch_sharding)
 
-  def restore(self, batches: _Batches | None = None,
-              step: int | None = None) -> metrics_lib.History:
+  def restore(
+    self, batches: _Batches | None = None, step: int | None = None
+  ) -> metrics_lib.History:
     """Restores ``self.state`` (and the data stream) from a checkpoint.
 
     Returns:
@@ -212,7 +241,8 @@ class Trainer:
     if self.ckpt is None:
       raise CheckpointError("train_cfg.checkpoint_dir is None: no checkpoints")
     restored = self.ckpt.restore(
-      step, target=abstract_state(self.state, self.shardings),
+      step,
+      target=abstract_state(self.state, self.shardings),
       config=self.config,
       ignore_config=[f"train.{k}" for k in RESUME_MUTABLE_FIELDS],
     )
@@ -225,8 +255,11 @@ class Trainer:
     """Saves the current state, data-stream state and history."""
     assert self.ckpt is not None
     self.ckpt.save(
-      int(self.state.step), self.state, data_state=batches.get_state(),
-      history=history.state_dict(), config=self.config,
+      int(self.state.step),
+      self.state,
+      data_state=batches.get_state(),
+      history=history.state_dict(),
+      config=self.config,
     )
 
   def run(
@@ -273,8 +306,13 @@ class Trainer:
       log.info("resumed from step %d", int(self.state.step))
     start = int(self.state.step)
     last_saved = self.ckpt.latest_step() if self.ckpt is not None else None
-    bar = tqdm(total=total, initial=start, disable=not cfg.progress,
-               desc="train", dynamic_ncols=True)
+    bar = tqdm(
+      total=total,
+      initial=start,
+      disable=not cfg.progress,
+      desc="train",
+      dynamic_ncols=True,
+    )
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _null()
     try:
       with ctx:
@@ -285,22 +323,29 @@ class Trainer:
           m = jax.device_get(m)
           if m["nonfinite"]:
             bad = metrics_lib.nonfinite_keys(m) or ["loss", "grad_norm"]
-            where = (f"last good checkpoint: step {last_saved} in "
-                     f"{self.ckpt.directory}" if last_saved is not None
-                     else "no checkpoint was saved yet")
+            where = (
+              f"last good checkpoint: step {last_saved} in "
+              f"{self.ckpt.directory}"
+              if last_saved is not None
+              else "no checkpoint was saved yet"
+            )
             raise NonFiniteError(
               f"non-finite training metrics at step {s + 1}: "
               f"{', '.join(bad)} (loss={m['loss']}, grad_norm="
               f"{m['grad_norm']}); the update was not applied and training "
               f"stopped; {where}",
-              step=s + 1, keys=bad, state=self.state,
+              step=s + 1,
+              keys=bad,
+              state=self.state,
               checkpoint_step=last_saved,
             )
           done = s + 1
           if done % cfg.log_every == 0 or done == total:
             history.append(done, m)
-          if eval_fn is not None and cfg.eval_every and (
-            done % cfg.eval_every == 0 or done == total
+          if (
+            eval_fn is not None
+            and cfg.eval_every
+            and (done % cfg.eval_every == 0 or done == total)
           ):
             ev = {k: float(v) for k, v in eval_fn(self.model(), done).items()}
             if history.rows and history.rows[-1]["step"] == done:
@@ -371,7 +416,10 @@ def train_lm(
     CheckpointError: an unusable checkpoint in ``checkpoint_dir``.
   """
   trainer = Trainer(
-    model_cfg, train_cfg, mesh=mesh, loss_fn=loss_fn,
+    model_cfg,
+    train_cfg,
+    mesh=mesh,
+    loss_fn=loss_fn,
     domain_names=None if domain_names is None else list(domain_names),
     extra=extra,
   )

@@ -39,8 +39,11 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
     )
   if cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warm,
-      decay_steps=max(cfg.steps, warm + 1), end_value=lr * cfg.min_lr_ratio,
+      init_value=0.0,
+      peak_value=lr,
+      warmup_steps=warm,
+      decay_steps=max(cfg.steps, warm + 1),
+      end_value=lr * cfg.min_lr_ratio,
     )
   if cfg.schedule == "inverse_sqrt":
 
@@ -73,8 +76,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   schedule = make_schedule(cfg)
   if cfg.optimizer == "adamw":
     opt = optax.adamw(
-      schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-      weight_decay=cfg.weight_decay, mask=decay_mask,
+      schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=decay_mask,
     )
   elif cfg.optimizer == "adam":
     opt = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)

@@ -111,7 +111,10 @@ def init_train_state(
   param_sh = jax.tree.map(lambda x: x.sharding, params)
   opt_abstract = jax.eval_shape(tx.init, params)
   opt_sh = optax.tree_map_params(
-    tx, lambda _, sh: sh, opt_abstract, param_sh,
+    tx,
+    lambda _, sh: sh,
+    opt_abstract,
+    param_sh,
     transform_non_params=lambda _: repl,
   )
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -140,5 +143,6 @@ def abstract_state(state: TrainState, shardings: Any = None) -> TrainState:
     shardings = jax.tree.map(lambda x: x.sharding, state)
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    state, shardings,
+    state,
+    shardings,
   )

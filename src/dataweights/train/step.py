@@ -46,7 +46,9 @@ Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch, jax.Array | None], jax.Array]
 
 
-def lm_loss(model: nnx.Module, batch: Batch, key: jax.Array | None) -> jax.Array:
+def lm_loss(
+  model: nnx.Module, batch: Batch, key: jax.Array | None
+) -> jax.Array:
   """Per-example next-token cross-entropy (nats/token), the default loss.
 
   The model reads ``tokens_BxL[:, :-1]`` under plain causal attention and
@@ -173,7 +175,8 @@ def make_train_step(
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, total), loss_AxB = jax.lax.scan(
-        body, (zeros, jnp.zeros((), jnp.float32)),
+        body,
+        (zeros, jnp.zeros((), jnp.float32)),
         (jnp.arange(num_micro), micro_AxB),
       )
       loss_B = loss_AxB.swapaxes(0, 1).reshape(-1)  # back to batch order
