@@ -14,7 +14,12 @@ from dataweights.configs import train as train_configs
 from dataweights.configs.base import ConfigError
 from dataweights.models.transformer import Transformer
 from dataweights.train import optim
-from dataweights.train.loop import NonFiniteError, Trainer, train_lm
+from dataweights.train.loop import (
+  NonFiniteError,
+  Trainer,
+  lm_from_state,
+  train_lm,
+)
 from dataweights.train.state import init_train_state
 from dataweights.train.step import make_train_step
 
@@ -371,6 +376,8 @@ def test_resume_is_bitwise_identical(tmp_path):
   assert hist.rows == ref_hist.rows and len(hist) == 6
   assert "loss/domain/web" in hist.last()
   assert CheckpointManager(tmp_path / "b").steps() == [3, 6]
+  rebuilt = lm_from_state(tiny_model_cfg(**LOOP_MODEL), state)
+  assert _bitwise_equal(nnx.state(rebuilt, nnx.Param), state.params)
   assert not _bitwise_equal(
     state.params, loop_trainer(tmp_path / "c").state.params
   )

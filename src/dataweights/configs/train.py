@@ -3,7 +3,10 @@
 ``train(profile="book", **overrides)`` returns a frozen :class:`TrainConfig`.
 The ``paper`` preset follows the nanoGPT GPT-2 124M recipe (AdamW, lr 6e-4,
 betas (0.9, 0.95), weight decay 0.1, clip 1.0, 2000 warm-up steps, cosine to
-10%) at 512 sequences per step, to be run on a mesh.
+10%) at 512 sequences per step, to be run on a mesh: pair it with
+``lm.lm_model("paper", size="gpt2-124m")`` (context 1024, so batches of
+``512 x 1025`` tokens), ``lm.mesh("paper")`` (FSDP over all devices) and,
+on few devices, ``accumulation_steps`` > 1 and ``remat=True``.
 """
 
 from __future__ import annotations
