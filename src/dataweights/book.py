@@ -103,11 +103,15 @@ def _check_parameters(src: Path) -> None:
   cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
   if len(cells) != 1:
     raise ChapterError(f"{src.name} needs exactly one cell tagged 'parameters' (found {len(cells)})")
-  missing = [n for n in ("profile", "results_dir") if f"{n} =" not in cells[0].source]
+  import papermill as pm
+
+  inferred = pm.inspect_notebook(str(src))  # what papermill itself can parse
+  missing = [n for n in ("profile", "results_dir") if n not in inferred]
   if missing:
     raise ChapterError(
-      f"{src.name}: the parameters cell must define {', '.join(missing)} "
-      '(e.g. profile = "book" and results_dir = "")'
+      f"{src.name}: papermill finds no {', '.join(missing)} in the parameters cell; "
+      'define them one per line, e.g. profile = "book" and results_dir = "" '
+      "(a comment after the value must not contain '=')"
     )
 
 

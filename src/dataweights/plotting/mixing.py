@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Circle
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -127,12 +128,16 @@ def plot_scaling(data: dict[str, Any]) -> Figure:
     d = data[case]
     ax.plot(N, d["T_star"], "o", color="black", ms=7, label="empirical T*(N)")
     fl, fs = d["fit_log"], d["fit_sqrt"]
-    ax.plot(N_fine, fl["a"] + fl["b"] * np.log(N_fine), color=COLORS[0],
+    fit_log = fl["a"] + fl["b"] * np.log(N_fine)
+    fit_sqrt = fs["a"] + fs["b"] * np.sqrt(N_fine * np.log(N_fine))
+    # A fit can dip below T = 1 at small N; a horizon < 1 is meaningless.
+    ax.plot(N_fine, np.where(fit_log >= 1, fit_log, np.nan), color=COLORS[0],
             label=f"a + b log N (R² = {fl['r2']:.2f})")
-    ax.plot(N_fine, fs["a"] + fs["b"] * np.sqrt(N_fine * np.log(N_fine)),
-            color=COLORS[1], ls="--", label=f"a + b √(N log N) (R² = {fs['r2']:.2f})")
-    ax.set(xscale="log", yscale="symlog", xlabel="budget N (inner steps)",
-           ylabel="best horizon T*")
+    ax.plot(N_fine, np.where(fit_sqrt >= 1, fit_sqrt, np.nan), color=COLORS[1],
+            ls="--", label=f"a + b √(N log N) (R² = {fs['r2']:.2f})")
+    top = max(max(d["T_star"]), float(np.nanmax(fit_log)), float(np.nanmax(fit_sqrt)))
+    ax.set(xscale="log", yscale="log", ylim=(1, 2 * top),
+           xlabel="budget N (inner steps)", ylabel="best horizon T*")
     ax.legend(fontsize=8)
     _style(ax, f"{case} gradients")
   return fig
@@ -161,5 +166,6 @@ def plot_adult(data: dict[str, Any]) -> Figure:
   lo = min(m["test_loss_mean"] for m in methods)
   hi = max(m["test_loss_mean"] for m in methods)
   ax1.set(xlabel="test log-loss", xlim=(lo - 0.1 * (hi - lo) - 0.005, hi + 0.1 * (hi - lo) + 0.005))
+  ax1.xaxis.set_major_locator(MaxNLocator(4))
   _style(ax1, "test loss (mean ± std)")
   return fig
