@@ -15,12 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 PROFILES: tuple[str, ...] = ("smoke", "book", "paper")
-
-C = TypeVar("C")
-
 
 class ConfigError(ValueError):
   """An invalid config value or an unknown profile."""
@@ -79,7 +76,7 @@ def check_in_range(cfg: Any, name: str, low: float, high: float) -> None:
     )
 
 
-def from_profile(
+def from_profile[C](
   cls: Callable[..., C],
   presets: Mapping[str, Mapping[str, Any]],
   profile: str,

@@ -47,7 +47,7 @@ def run(cfg: mixing_configs.HorizonMinibatchConfig) -> dict[str, Any]:
     """Runs ``n_chunks`` chunks; returns metrics after each budget."""
     out = {}
     for c in range(n_chunks):
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, c))(seed_keys)
+      keys = jax.vmap(lambda k, c=c: jax.random.fold_in(k, c))(seed_keys)
       state = step_fn(state, keys)
       N = (c + 1) * cfg.chunk
       if N in cfg.budgets:

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Circle
+from matplotlib.ticker import MaxNLocator
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 OPT_KW = dict(color="black", ls="--", lw=1.2)
