@@ -84,3 +84,27 @@ def test_cli_lists_chapters(capsys, monkeypatch, tmp_path):
   assert cli.main(["list"]) == 0
   assert capsys.readouterr().out.split()[0] == "ch"
   assert cli.main(["run"]) == 2
+
+
+def test_cli_book_prepares_data_runs_chapters_and_builds(monkeypatch):
+  """``dataweights book`` = data prepare (default flags) + run all + build."""
+  from dataweights import cli
+  from dataweights.data import prepare
+
+  calls = []
+  monkeypatch.setattr(prepare, "main", lambda argv: calls.append(("prepare", list(argv))) or 0)
+  monkeypatch.setattr(book, "run_chapters", lambda names, profile, progress: calls.append(("run", names, profile)))
+  monkeypatch.setattr(book, "build", lambda: calls.append(("build",)))
+  assert cli.main(["book", "--no-progress"]) == 0
+  assert calls == [("prepare", []), ("run", None, "book"), ("build",)]
+  calls.clear()
+  assert cli.main(["data", "prepare", "--only", "dw_adult"]) == 0
+  assert calls == [("prepare", ["--only", "dw_adult"])]
+  assert cli.main(["data", "erase"]) == 2
+
+
+def test_cli_data_prepare_list_runs_the_real_parser(capsys):
+  from dataweights import cli
+
+  assert cli.main(["data", "prepare", "--list"]) == 0
+  assert "dw_text_domains" in capsys.readouterr().out

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
       book.run_chapters(names, args.profile, progress=not args.no_progress)
     elif args.cmd == "book":
-      rc = _prepare_data(["prepare"])
+      rc = _prepare_data([])
       if rc:
         return rc
       book.run_chapters(None, args.profile, progress=not args.no_progress)
