@@ -43,12 +43,11 @@ def test_run_publishes_then_failure_keeps_published_outputs(tmp_path):
   assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
   assert "value 42" in nb.cells[-1].outputs[0]["text"]
   assert "papermill" not in nb.cells[-1].metadata
-  before_nb, before_json = published_nb.read_bytes(), published_json.read_bytes()
+  before_json = published_json.read_bytes()
 
   # A failing chapter: nothing published changes, the failure is kept and reported.
   failing = nbformat.read(published_nb, as_version=4)
   failing.cells[-1].source = "raise RuntimeError('boom in cell')"
-  src_backup = published_nb.read_bytes()
   nbformat.write(failing, published_nb)  # the source notebook is the published one
   with pytest.raises(book.ChapterError, match="boom in cell") as err:
     book.run_chapter("ch", "book", root=tmp_path, progress=False, log=lambda s: None)
@@ -56,7 +55,6 @@ def test_run_publishes_then_failure_keeps_published_outputs(tmp_path):
   assert published_json.read_bytes() == before_json
   assert (tmp_path / "_build" / "failed" / "ch.book.ipynb").exists()
   assert not list((tmp_path / "_build" / "scratch").iterdir())
-  del src_backup, before_nb
 
 
 @pytest.mark.slow

@@ -129,10 +129,7 @@ def _clean_notebook(nb, profile: str) -> None:
     md.pop("execution", None)
     kept.append(cell)
   nb.cells = kept
-  for key in ("papermill",):
-    nb.metadata.pop(key, None)
-  # Parameters injected for other profiles keep the cell; drop papermill's
-  # per-run timestamps everywhere.
+  nb.metadata.pop("papermill", None)  # per-run timestamps and paths
 
 
 def _swap_dir(new: Path, dest: Path) -> None:

@@ -505,6 +505,23 @@ def _column(src, key: str) -> np.ndarray:
   return np.array([r[key] for r in recs])
 
 
+def check_domains(name: str, domains: Sequence[str] | None = None) -> tuple[str, ...]:
+  """The requested domains of data set ``name`` (all if ``None``), validated.
+
+  Raises:
+    ValueError: unknown data set or domain, naming the known domains.
+  """
+  names = domain_names(name)
+  wanted = tuple(names) if domains is None else tuple(domains)
+  bad = [d for d in wanted if d not in names]
+  if bad:
+    raise ValueError(
+      f"unknown domain(s) {bad} for {name}; known domains are "
+      + ", ".join(names)
+    )
+  return wanted
+
+
 def domain_indices(
   name: str,
   split: str,
@@ -526,13 +543,7 @@ def domain_indices(
     ValueError: unknown data set, split or domain.
   """
   names = domain_names(name)
-  wanted = tuple(names) if domains is None else tuple(domains)
-  bad = [d for d in wanted if d not in names]
-  if bad:
-    raise ValueError(
-      f"unknown domain(s) {bad} for {name}; known domains are "
-      + ", ".join(names)
-    )
+  wanted = check_domains(name, domains)
   dom_M = _column(load_source(name, split, data_dir), "domain")
   return {d: np.flatnonzero(dom_M == names.index(d)) for d in wanted}
 

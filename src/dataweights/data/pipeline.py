@@ -321,13 +321,7 @@ def prepared_domains(
     ]
   # In memory: decode every record once (what domain_indices would also do).
   names = builders.domain_names(name)
-  wanted = tuple(names) if domains is None else tuple(domains)
-  bad = [d for d in wanted if d not in names]
-  if bad:
-    raise ValueError(
-      f"unknown domain(s) {bad} for {name}; known domains are "
-      + ", ".join(names)
-    )
+  wanted = builders.check_domains(name, domains)
   records = _IndexedView(source, None).read_all()
   label_M = np.array([int(r["domain"]) for r in records], dtype=np.int64)
   return [

@@ -243,6 +243,17 @@ def _check_finite_trace(trace: MixingTrace, lr: object, beta: object) -> None:
   )
 
 
+def _check_weights(name: str, w_K: ArrayLike) -> jax.Array:
+  """``w_K`` on the simplex, as a float array; else a MixingError naming it."""
+  try:
+    w_K = simplex.check_simplex(w_K)
+  except simplex.SimplexError as e:
+    raise MixingError(f"{name} is invalid: {e}") from e
+  if not jnp.issubdtype(w_K.dtype, jnp.floating):
+    w_K = w_K.astype(jnp.result_type(float))
+  return w_K
+
+
 def run_mixing(
   problem: bilevel.MixingProblem,
   params0: Params,
@@ -332,12 +343,7 @@ def run_mixing(
     raise MixingError(
       f"hypergrad = {hypergrad!r} is invalid; allowed: {HYPERGRADS}"
     )
-  try:
-    w0_K = simplex.check_simplex(w0_K)
-  except simplex.SimplexError as e:
-    raise MixingError(f"w0_K is invalid: {e}") from e
-  if not jnp.issubdtype(w0_K.dtype, jnp.floating):
-    w0_K = w0_K.astype(jnp.result_type(float))
+  w0_K = _check_weights("w0_K", w0_K)
   R = N // T
   key_R = _round_keys(key, R, batch_fn is not None or val_batch_fn is not None)
   trace = _run_jit(
@@ -428,12 +434,7 @@ def train_fixed(
   """
   N = _check_int("N", N, 1)
   _check_pos("lr", lr)
-  try:
-    w_K = simplex.check_simplex(w_K)
-  except simplex.SimplexError as e:
-    raise MixingError(f"w_K is invalid: {e}") from e
-  if not jnp.issubdtype(w_K.dtype, jnp.floating):
-    w_K = w_K.astype(jnp.result_type(float))
+  w_K = _check_weights("w_K", w_K)
   if eval_every is None:
     if batch_fn is None:
       S = 1
