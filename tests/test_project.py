@@ -19,7 +19,8 @@ def _name(req: str) -> str:
 
 def _pyproject_deps() -> list[str]:
   proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-  return proj["dependencies"] + proj["optional-dependencies"]["test"]
+  extras = proj["optional-dependencies"]
+  return proj["dependencies"] + [r for reqs in extras.values() for r in reqs]
 
 
 def test_environment_yml_lists_the_pyproject_dependencies():
@@ -28,7 +29,7 @@ def test_environment_yml_lists_the_pyproject_dependencies():
   env_reqs = sorted(r for r in pip if not r.startswith("-e"))
   assert env_reqs == sorted(_pyproject_deps()), (
     "environment.yml and pyproject.toml disagree; keep the pip list equal to "
-    "[project.dependencies] + [project.optional-dependencies].test"
+    "[project.dependencies] + every [project.optional-dependencies] list"
   )
   assert any(str(d).startswith("python>=3.12") for d in env["dependencies"])
 

@@ -1,9 +1,10 @@
 """The list of published figures/tables: how to recompute and re-plot each.
 
 The drift guard (``tests/test_published.py``) iterates over this registry:
-for every entry whose chapter has published results it recomputes the data
-under the config stored in the published JSON and compares numbers within
-``rtol``/``atol``, and re-renders the PNG from the published data.
+CI executes every chapter once (nbval) with ``$DATAWEIGHTS_RESULTS_DIR``
+set, and the guard compares each fresh result with the published JSON
+within ``rtol``/``atol`` and the fresh PNG with the published one; it also
+re-renders every published PNG from its published data.
 """
 
 from __future__ import annotations
@@ -58,19 +59,23 @@ def publish(
 ) -> tuple[dict[str, Any], Any]:
   """Runs a registered experiment, saves its JSON (+ PNG), returns (data, fig).
 
-  This is what a chapter cell calls. With ``results_dir`` falsy nothing is
-  written (nbval re-executions in CI), so the published files stay as the
-  book runner left them.
+  This is what a chapter cell calls; ending the cell with ``fig`` shows the
+  figure (``image/png``, the very bytes published). Results are written to
+  ``results_dir`` when it is set (the book runner), else to
+  ``$DATAWEIGHTS_RESULTS_DIR/<chapter>/`` when that is set (CI's single
+  execution of each chapter), else nowhere (see
+  :func:`dataweights.results.output_dir`).
 
   Args:
     name: a key of :data:`REGISTRY`.
-    cfg: the experiment config (stored in the JSON so the drift guard can
-      rebuild it with ``entry.make_config(**stored)``).
+    cfg: the experiment config (stored in the JSON so that the config of a
+      fresh run can be checked against the published one).
     results_dir: where to write ``<name>.json`` / ``<name>.png``, or ``""``.
     profile: recorded in the provenance; defaults to ``cfg.profile``.
 
   Returns:
-    The data dict and the matplotlib figure (``None`` for tables).
+    The data dict and a :class:`dataweights.results.FigureOutput` (``None``
+    for tables).
   """
   import time
 
@@ -79,15 +84,17 @@ def publish(
   if name not in REGISTRY:
     raise KeyError(f"unknown published result {name!r}; known: {', '.join(sorted(REGISTRY))}")
   entry = REGISTRY[name]
+  out = results.output_dir(results_dir, entry.chapter)
   t0 = time.perf_counter()
   data = entry.run(cfg)
   wall = time.perf_counter() - t0
   profile = profile or getattr(cfg, "profile", "unknown")
-  results.save(name, data, results_dir, config=cfg, profile=profile, wall_time_s=wall)
+  results.save(name, data, out, config=cfg, profile=profile, wall_time_s=wall)
   fig = None
   if entry.plot is not None:
-    fig = entry.plot(results.to_jsonable(data))
-    results.save_figure(fig, name, results_dir)
+    fig = results.FigureOutput(name, entry.plot(results.to_jsonable(data)))
+    if out is not None:
+      results.atomic_write(out / f"{name}.png", fig.png)
   return data, fig
 
 
