@@ -1,4 +1,4 @@
-"""Hypergradients of bilevel data mixing (Proposition 4.1, papers.md §1).
+"""Hypergradients of bilevel data mixing (Proposition 4.1; the book's Sources §1).
 
 Oracles: central finite differences of the unrolled validation loss,
 forward == reverse, the closed form on a quadratic (finite T and the

@@ -116,7 +116,7 @@ class _Ids(HTMLParser):
         self.ids.add(v)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _anchors(url: str) -> frozenset[str] | None:
   """The ids of a served page, or None if it does not load."""
   try:

@@ -445,3 +445,14 @@ def test_example_runs_and_resumes(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "resuming from the checkpoint at step 2" in out
   assert "done at step 2" in out
+
+  # A corrupt checkpoint is one clear line naming the remedy, not a traceback.
+  for f in tmp_path.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  assert example.main(args) == 1
+  captured = capsys.readouterr()
+  assert captured.err.startswith("error: ") and "--fresh" in captured.err
+  assert "Traceback" not in captured.err
+  assert example.main([*args, "--fresh"]) == 0
+  assert "done at step 2" in capsys.readouterr().out

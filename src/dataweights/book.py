@@ -322,8 +322,8 @@ def run_chapter(
       where = f" in cell [{cell}]" if cell is not None else ""
       raise ChapterError(
         f"chapter {chapter!r} failed{where} after {time.perf_counter() - t0:.0f} s: "
-        f"{getattr(e, 'ename', type(e).__name__)}: {detail if isinstance(detail, str) else detail[0]}\n"
-        f"  published outputs in {out_dir} were left untouched; the failed notebook is {kept}"
+        f"{getattr(e, 'ename', type(e).__name__)}: {detail if isinstance(detail, str) else detail[0]}; "
+        f"published outputs in {out_dir} were left untouched; the failed notebook is {kept}"
       ) from e
     wall = time.perf_counter() - t0
     nb = nbformat.read(tmp_nb, as_version=4)

@@ -1,6 +1,6 @@
 """Online data mixing: update the domain weights every T inner steps.
 
-The algorithm of papers.md §1 ("Less is More", Das et al. 2026) under a
+The algorithm of the book's Sources §1 ("Less is More", Das et al. 2026) under a
 budget of N parameter updates: ``R = N // T`` outer rounds, each
 
 1. ``T`` inner steps ``θ_{k,t+1} = θ_{k,t} − η ∇F(θ_{k,t}; w_k)`` from the
@@ -13,7 +13,7 @@ budget of N parameter updates: ``R = N // T`` outer rounds, each
 ``T = 1`` is the greedy gradient-alignment rule
 ``h_j = −η ⟨∇g(θ_{k,1}), ∇f_j(θ_{k,0})⟩`` that the paper shows can fail
 (Theorem 5.1). [reconstruction] The outer update and the normalisation
-option are our reading of the abstract (papers.md §1), not the paper's
+option are our reading of the abstract (the book's Sources §1), not the paper's
 stated algorithm.
 """
 
@@ -305,7 +305,7 @@ def run_mixing(
       ``None`` = full validation data.
     key: PRNG key, required with ``batch_fn`` or ``val_batch_fn``.
     normalize: divide ``h`` by ``max_j |h_j|`` before the outer step (an
-      option of ours that stabilises EG at large T; papers.md §1).
+      option of ours that stabilises EG at large T; the book's Sources §1).
     eval_batch: batch for the logged ``val_loss_R1``; ``None`` = full
       validation data.
     check_finite: raise if a hypergradient or validation loss is
@@ -324,7 +324,8 @@ def run_mixing(
       first bad round and suggests a smaller ``beta`` / ``lr``.
 
   References:
-    Das, Patel, Razaviyayn, Mirrokni (2026), "Less is More" (papers.md §1).
+    Das, Patel, Razaviyayn, Mirrokni (2026), "Less is More: Convergence Benefits of Fewer Data Weight Updates over
+    Longer Horizon", arXiv 2602.19510; the book's Sources §1.
   """
   T = _check_int("T", T, 1)
   N = _check_int("N", N, 1)
