@@ -191,6 +191,16 @@ def test_substitute_rate(p):
   assert all(out[i] == " " for i, c in enumerate(text) if c == " ")
 
 
+def test_substitute_replaces_with_a_different_letter():
+  # p = 1 changes every non-space character (a draw that may return the
+  # same letter would leave about 1 in 26 unchanged); p = 0 changes none.
+  text = "abcdefghij klmnop " * 200
+  out = corrupt.substitute_chars(text, 1.0, seed=0)
+  assert all((o != t) == (t != " ") for o, t in zip(out, text, strict=True))
+  assert set(out) <= set(corrupt.LETTERS + " ")
+  assert corrupt.substitute_chars(text, 0.0, seed=0) == text
+
+
 def test_splice_replaces_about_p_of_words():
   out = corrupt.splice_spans(TEXT, "zz " * 100, 0.2, seed=0, span_words=5)
   w = out.split()
