@@ -273,6 +273,16 @@ def test_checksums_match_a_numpy_reference():
     "i8": _np_checksum(i8.view(np.uint8)),
     "b": _np_checksum(b.astype(np.uint32)),
   }
+  # The same with x64 on (sums still wrap at 32 bits): a checkpoint saved
+  # in one mode restores in the other.
+  with jax.enable_x64(True):
+    assert tree_checksums(tree) == got
+  # 8-byte values: the high 32 bits hashed into the low ones.
+  x64 = rng.normal(size=13)
+  lo, hi = x64.view(np.uint32).reshape(-1, 2).T.astype(np.uint64)
+  bits = lo ^ _np_fmix32((hi + np.uint64(0x6A09E667)) & np.uint64(0xFFFFFFFF))
+  with jax.enable_x64(True):
+    assert tree_checksums({"x": jnp.asarray(x64)}) == {"x": _np_checksum(bits)}
 
 
 def _swapped(x, i, j):
@@ -283,9 +293,14 @@ def _swapped(x, i, j):
 
 
 @pytest.mark.parametrize(
-  "dtype", ["float32", "bfloat16", "int8", "int32", "bool"]
+  "dtype", ["float32", "bfloat16", "int8", "int32", "bool", "float64"]
 )
 def test_checksums_see_values_swapped_within_a_leaf(dtype):
+  with jax.enable_x64(dtype == "float64"):
+    _check_swaps_within_a_leaf(dtype)
+
+
+def _check_swaps_within_a_leaf(dtype):
   rng = np.random.default_rng(1)
   if dtype == "bool":
     x = rng.uniform(size=1024) < 0.5

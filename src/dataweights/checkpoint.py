@@ -105,7 +105,9 @@ def _leaf_checksums(leaves):
     key = _fmix32(pos * jnp.uint32(0x9E3779B9) + jnp.uint32(0x7F4A7C15))
     h1 = _fmix32(bits ^ key)
     h2 = _fmix32(h1 + jnp.uint32(0x3C6EF372))
-    out.append(jnp.stack([jnp.sum(h1), jnp.sum(h2)]))
+    # dtype: with x64 on, jnp.sum would widen uint32 to uint64 (no wrap).
+    u32 = jnp.uint32
+    out.append(jnp.stack([jnp.sum(h1, dtype=u32), jnp.sum(h2, dtype=u32)]))
   return out
 
 
