@@ -290,6 +290,76 @@ def test_weighted_objective_and_domain_metrics():
     assert m[f"count/domain/{name}"] == sel.sum()
 
 
+def _direct_objective(scale_D, kernel_Dx1, bias_1, batch, eff_B):
+  """``Σ_b eff_b loss_b / Σ_b eff_b`` for ToyRegressor, written out."""
+  pred_B = (batch["x_BxD"] * scale_D[None, :]) @ kernel_Dx1[:, 0] + bias_1[0]
+  loss_B = (pred_B - batch["y_B"]) ** 2
+  return jnp.sum(eff_B * loss_B) / jnp.sum(eff_B)
+
+
+@pytest.mark.parametrize("acc", [1, 4])
+@pytest.mark.parametrize("domain_weights", [False, True])
+def test_step_gradient_equals_grad_of_the_direct_formula(acc, domain_weights):
+  # Oracle: jax.grad (float64) of the weighted objective written out by
+  # hand, with the effective weights computed in numpy. SGD with lr 1, no
+  # momentum, clipping or decay: the update is exactly minus the gradient.
+  # Non-uniform weights (one zero) with a weight sum far from the batch
+  # size, so dividing by B instead of Σ w would show.
+  cfg = tiny_train_cfg(
+    optimizer="sgd",
+    b1=0.0,
+    batch_size=8,
+    learning_rate=1.0,
+    warmup_steps=0,
+    schedule="constant",
+    weight_decay=0.0,
+    grad_clip=0.0,
+  )
+  w_K = np.array([0.6, 0.3, 0.1])
+  state, static = toy_setup(
+    cfg, {"w_K": jnp.asarray(w_K)} if domain_weights else None
+  )
+  batch = toy_batch(4)
+  batch["weight_B"] = 3.0 * batch["weight_B"].at[2].set(0.0)
+  step = jax.jit(
+    make_train_step(static, loss_fn=toy_loss, accumulation_steps=acc)
+  )
+  new, m = step(state, batch)
+  np_batch = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+  eff_B = np_batch["weight_B"].copy()
+  if domain_weights:
+    d_B = np.asarray(batch["domain_B"])
+    n_K = np.bincount(d_B, minlength=K)
+    eff_B *= w_K[d_B] / n_K[d_B]
+  assert not 0.5 < eff_B.sum() / 8 < 2  # Σ w is far from the batch size
+  p = {
+    k: np.asarray(v, np.float64)
+    for k, v in (
+      ("scale", state.params["scale"][...]),
+      ("kernel", state.params["lin"]["kernel"][...]),
+      ("bias", state.params["lin"]["bias"][...]),
+    )
+  }
+  with jax.enable_x64(True):
+    want = jax.grad(_direct_objective, argnums=(0, 1, 2))(
+      p["scale"], p["kernel"], p["bias"], np_batch, eff_B
+    )
+    want_loss = float(
+      _direct_objective(p["scale"], p["kernel"], p["bias"], np_batch, eff_B)
+    )
+  got = (
+    p["scale"] - np.asarray(new.params["scale"][...]),
+    p["kernel"] - np.asarray(new.params["lin"]["kernel"][...]),
+    p["bias"] - np.asarray(new.params["lin"]["bias"][...]),
+  )
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, np.asarray(w), rtol=1e-5, atol=1e-6)
+  want_norm = np.sqrt(sum(np.sum(np.asarray(w) ** 2) for w in want))
+  np.testing.assert_allclose(m["grad_norm"], want_norm, rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], want_loss, rtol=1e-5)
+  np.testing.assert_allclose(m["weight_sum"], eff_B.sum(), rtol=1e-6)
+
+
 def test_domain_weights_without_domain_ids_raise():
   state, static = toy_setup(tiny_train_cfg(), {"w_K": jnp.ones(K) / K})
   batch = toy_batch(0)
@@ -318,6 +388,32 @@ def test_nonfinite_step_is_skipped_inside_the_step():
   batch["weight_B"] = batch["weight_B"].at[1].set(jnp.nan)
   new, m = jax.jit(make_train_step(static, loss_fn=toy_loss))(state, batch)
   assert m["nonfinite"] == 1.0 and np.isnan(m["loss"])
+  assert int(new.step) == 0 and _bitwise_equal(new.params, state.params)
+  assert _bitwise_equal(new.opt_state, state.opt_state)
+
+
+@pytest.mark.parametrize(
+  "kink",
+  [
+    # sqrt at 0: value 0, derivative +inf (scale starts at exactly 1).
+    pytest.param(lambda s: jnp.sqrt(s - 1.0), id="inf_grad"),
+    # sqrt(u²) at 0: value 0, derivative inf * 0 = NaN.
+    pytest.param(lambda s: jnp.sqrt((s - 1.0) ** 2), id="nan_grad"),
+  ],
+)
+def test_finite_loss_with_nonfinite_gradient_is_skipped(kink):
+  # The loss stays finite: only a guard that also checks the gradient
+  # catches this step.
+  def loss_fn(model, batch, key):
+    return toy_loss(model, batch, key) + kink(model.scale[...][0])
+
+  state, static = toy_setup(tiny_train_cfg())
+  assert float(state.params["scale"][...][0]) == 1.0
+  new, m = jax.jit(make_train_step(static, loss_fn=loss_fn))(
+    state, toy_batch(2)
+  )
+  assert np.isfinite(m["loss"]) and not np.isfinite(m["grad_norm"])
+  assert m["nonfinite"] == 1.0
   assert int(new.step) == 0 and _bitwise_equal(new.params, state.params)
   assert _bitwise_equal(new.opt_state, state.opt_state)
 
