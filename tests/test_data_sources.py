@@ -8,6 +8,7 @@ it exists (CI prepares it first) and are skipped otherwise.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -381,10 +382,13 @@ def _real_root():
   root = fetch.data_dir()
   man = root / "dw_text_domains" / "1.0.0" / "dw_manifest.json"
   if not man.exists():
-    pytest.skip(
+    why = (
       f"real data not prepared in {root}; run `dataweights data prepare` "
-      "(CI does) to enable this test"
+      "(make test does) to enable this test"
     )
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(why)
+    pytest.skip(why)
   return root
 
 
