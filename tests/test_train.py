@@ -27,23 +27,7 @@ B, L, K = 4, 9, 3
 NAMES = ["web", "code", "noise"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """A persistent XLA cache: the loop tests build several trainers with the
-  same config (as a resumed process would); XLA compiles are deterministic,
-  so a cache hit only saves the 5-15 s compile of an identical program."""
-  keys = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0)
-  jax.config.update(keys[2], 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 class ToyRegressor(nnx.Module):

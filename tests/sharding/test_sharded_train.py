@@ -30,22 +30,7 @@ MESHES = {
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """Persistent XLA cache: the fresh trainers below compile the same programs
-  as earlier ones (as a resumed process would); compiles are deterministic."""
-  keys = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0)
-  jax.config.update(keys[2], 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def batch_fn(step):
