@@ -536,3 +536,29 @@ def test_example_runs_and_resumes(tmp_path, capsys):
   assert "Traceback" not in captured.err
   assert example.main([*args, "--fresh"]) == 0
   assert "done at step 2" in capsys.readouterr().out
+
+
+def test_grouped_optimizer_updates_groups_apart_and_frozen_has_no_state():
+  model = Transformer(tiny_model_cfg(num_layers=2), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  sgd = tiny_train_cfg(optimizer="sgd", b1=0.0, grad_clip=0.0, weight_decay=0.0,
+                       schedule="constant", warmup_steps=0, learning_rate=0.1)
+  adam = tiny_train_cfg(optimizer="adam", weight_decay=0.0, grad_clip=0.0,
+                        schedule="constant", warmup_steps=0, learning_rate=0.01)
+  tx = optim.make_grouped_optimizer(
+    {"embed": sgd, "block/0": optim.FROZEN, "block/1": adam, "head": sgd}
+  )
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
+  upd, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(upd["wte"][...], -0.2, rtol=1e-6)  # sgd: -lr * g
+  np.testing.assert_array_equal(upd["blocks"][0]["mlp"]["fc"]["kernel"][...], 0.0)
+  # adam's first step is -lr * sign(g) (bias-corrected moments, eps tiny)
+  np.testing.assert_allclose(upd["blocks"][1]["mlp"]["fc"]["kernel"][...], -0.01, rtol=1e-5)
+  # The frozen block holds no optimiser state: no array in the state has
+  # its shapes beyond those of the other groups' parameters.
+  n_state = sum(x.size for x in jax.tree.leaves(state) if x.ndim)
+  n_adam = sum(x.size for x in jax.tree.leaves(params["blocks"][1]))
+  assert n_state == 2 * n_adam  # mu and nu of block 1 only
+  with pytest.raises(ValueError, match=r"group\(s\) 'head' have no optimiser"):
+    optim.make_grouped_optimizer({"embed": sgd, "block/0": sgd, "block/1": sgd}).init(params)
