@@ -173,7 +173,8 @@ def test_config_errors_are_clear():
     tiny_train_cfg(batch_size=4, accumulation_steps=3)
   with pytest.raises(ConfigError, match="weight_decay.*adam"):
     tiny_train_cfg(optimizer="adam", weight_decay=0.1)
-  assert train_configs.train("paper").batch_size == 512
+  assert train_configs.train("paper").batch_size == 128
+  assert train_configs.train("paper", **train_configs.GPT2_124M).batch_size == 512
 
 
 # --- the step ------------------------------------------------------------------
