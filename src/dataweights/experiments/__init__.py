@@ -15,8 +15,9 @@ from dataweights.experiments import (  # noqa: F401  (imported to register)
 from dataweights.experiments.registry import (
   REGISTRY,
   Published,
+  Result,
   publish,
   register,
 )
 
-__all__ = ["REGISTRY", "Published", "publish", "register"]
+__all__ = ["REGISTRY", "Published", "Result", "publish", "register"]
