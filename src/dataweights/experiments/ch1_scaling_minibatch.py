@@ -94,7 +94,9 @@ def run(cfg: mixing_configs.MinibatchScalingConfig) -> dict[str, Any]:
     boot = ts.bootstrap_tstar(ex, T_grid, cfg.bootstrap, seed=1, half=cfg.half)
     rows = []
     for b, N in enumerate(cfg.budgets):
-      mean_T = np.nanmean(ex[b], axis=0)
+      n_b = len(T_BxT[b])  # the rest is NaN padding
+      mean_T = np.full(width, np.nan)
+      mean_T[:n_b] = ex[b][:, :n_b].mean(axis=0)
       est = ts.tstar(T_grid[b], mean_T, cfg.half)
       i = int(np.nanargmin(mean_T))
       m, lo, hi = ts.mean_ci(ex[b][:, i], 0.95)
