@@ -28,17 +28,17 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, l, d = x.shape
+    b, length, d = x.shape
     h = nn.LayerNorm(epsilon=1e-5)(x)
     qkv = nn.Dense(3 * d, name="c_attn")(h)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    split = lambda t: t.reshape(b, l, self.heads, d // self.heads)
+    split = lambda t: t.reshape(b, length, self.heads, d // self.heads)
     q, k, v = split(q), split(k), split(v)
     att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d / self.heads)
-    causal = jnp.tril(jnp.ones((l, l), bool))
+    causal = jnp.tril(jnp.ones((length, length), bool))
     att = jnp.where(causal, att, jnp.finfo(att.dtype).min)
     att = jax.nn.softmax(att, axis=-1)
-    y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, l, d)
+    y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, length, d)
     x = x + nn.Dense(d, name="c_proj")(y)
     h = nn.LayerNorm(epsilon=1e-5)(x)
     h = nn.gelu(nn.Dense(self.d_mlp, name="c_fc")(h), approximate=True)

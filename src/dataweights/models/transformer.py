@@ -445,7 +445,7 @@ def stack_layers(model: Transformer) -> Transformer:
       continue
     flat[path] = flat[path].replace(var.get_value())
   per_layer = [nnx.state(b) for b in model.blocks]
-  for path, var in nnx.to_flat_state(nnx.state(out.blocks)):
+  for path, _ in nnx.to_flat_state(nnx.state(out.blocks)):
     values = [dict(nnx.to_flat_state(s))[path].get_value() for s in per_layer]
     flat[("blocks",) + path] = flat[("blocks",) + path].replace(
       jnp.stack(values)
