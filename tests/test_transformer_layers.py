@@ -115,10 +115,10 @@ def test_gradient_matches_finite_differences():
   """Central differences along each parameter's own gradient direction.
 
   For every parameter array ``p_i`` with gradient ``g_i``, the directional
-  derivative along ``g_i / |g_i|`` must be ``|g_i|``; float32 central
-  differences with step 1e-2 agree to ~2e-4 relative (rtol 5e-3), plus
-  the float32 rounding of the loss, ~|loss| 2^-23 / step ~ 3e-5 absolute
-  (atol 5e-5) for the small gradients. The key
+  derivative along ``g_i / |g_i|`` must be ``|g_i|``. Float32 central
+  differences with step 3e-3: truncation error ~5e-4 relative at most here
+  (rtol 2e-3) plus the rounding of the loss, ~|loss| 2^-23 / step ~ 1e-4
+  absolute (atol 2e-4). The key
   biases get exactly zero gradient (softmax ignores a per-query constant),
   a closed-form check.
   """
@@ -126,7 +126,7 @@ def test_gradient_matches_finite_differences():
   tokens = _tokens(seed=1)
   f = jax.jit(loss)
   g = jax.jit(jax.grad(loss))(params, tokens)
-  eps = 1e-2
+  eps = 3e-3
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(g)
   p_leaves = jax.tree.leaves(params)
   checked = 0
@@ -144,7 +144,7 @@ def test_gradient_matches_finite_differences():
       return jax.tree.unflatten(treedef, leaves)
 
     fd = (f(shifted(1.0), tokens) - f(shifted(-1.0), tokens)) / (2 * eps)
-    np.testing.assert_allclose(fd, norm, rtol=5e-3, atol=5e-5, err_msg=name)
+    np.testing.assert_allclose(fd, norm, rtol=2e-3, atol=2e-4, err_msg=name)
     checked += 1
   assert checked == len(with_paths) - CFG.num_layers
 
