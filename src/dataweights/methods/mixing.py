@@ -36,7 +36,7 @@ OUTER_UPDATES: dict[str, Callable[..., jax.Array]] = {
   "eg": simplex.eg_update,
   "pgd": simplex.projected_update,
 }
-HYPERGRADS = ("forward", "reverse")
+HYPERGRADS = ("forward", "reverse", "reverse_remat", "auto")
 
 
 class MixingError(ValueError):
@@ -254,6 +254,29 @@ def _check_weights(name: str, w_K: ArrayLike) -> jax.Array:
   return w_K
 
 
+def _auto_mode(problem, params0, w0_K, lr, T, batch_fn, key_R, budget):
+  """(hypergrad, remat) chosen by the cost model of the bilevel module."""
+  batches = None
+  if batch_fn is not None:
+    key_b, _ = jax.random.split(key_R[0])
+    batches = jax.eval_shape(batch_fn, key_b)
+  try:
+    mode = bilevel.choose_hypergrad_mode(
+      problem,
+      params0,
+      w0_K,
+      lr=lr,
+      T=T,
+      batches=batches,
+      memory_budget_bytes=budget,
+    ).mode
+  except ValueError as e:
+    raise MixingError(str(e)) from e
+  if mode == "reverse_remat":
+    return "reverse", True
+  return mode, False
+
+
 def run_mixing(
   problem: bilevel.MixingProblem,
   params0: Params,
@@ -272,6 +295,7 @@ def run_mixing(
   eval_batch: Batch | None = None,
   check_finite: bool = True,
   remat: bool = False,
+  memory_budget_bytes: int | None = None,
 ) -> MixingTrace:
   """Bilevel data mixing with a weight update every T inner steps.
 
@@ -297,8 +321,11 @@ def run_mixing(
     N: budget of inner steps, an integer ``>= T``.
     beta: outer step size ``β``, finite and > 0.
     outer: ``"eg"`` (exponentiated gradient) or ``"pgd"`` (projected).
-    hypergrad: ``"forward"`` (Prop. 4.1, memory independent of T) or
-      ``"reverse"`` (backprop through the T steps).
+    hypergrad: ``"forward"`` (Prop. 4.1, memory independent of T),
+      ``"reverse"`` (backprop through the T steps), ``"reverse_remat"``
+      (the same with each step rematerialised) or ``"auto"``: chosen once,
+      before the run, by :func:`.bilevel.choose_hypergrad_mode` from T, K,
+      the sizes of one inner step and ``memory_budget_bytes``.
     batch_fn: ``key -> batches`` with leading axis T (minibatch variant);
       ``None`` = full batch.
     val_batch_fn: ``key -> validation batch`` for the hypergradient;
@@ -312,6 +339,8 @@ def run_mixing(
       non-finite (skipped when called under an outer transformation).
     remat: with ``hypergrad="reverse"``, checkpoint each inner step (see
       :func:`.bilevel.hypergrad_reverse`); ignored by forward mode.
+    memory_budget_bytes: with ``hypergrad="auto"``, the bytes the
+      hypergradient may keep (None: no limit).
 
   Returns:
     A :class:`MixingTrace`.
@@ -346,6 +375,12 @@ def run_mixing(
   w0_K = _check_weights("w0_K", w0_K)
   R = N // T
   key_R = _round_keys(key, R, batch_fn is not None or val_batch_fn is not None)
+  if hypergrad == "auto":
+    hypergrad, remat = _auto_mode(
+      problem, params0, w0_K, lr, T, batch_fn, key_R, memory_budget_bytes
+    )
+  elif hypergrad == "reverse_remat":
+    hypergrad, remat = "reverse", True
   trace = _run_jit(
     params0,
     w0_K,
