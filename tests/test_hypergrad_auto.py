@@ -59,11 +59,14 @@ def _choose(problem, params, K, T, budget=None):
   )
 
 
-def test_auto_picks_reverse_for_a_matrix_vector_step():
+def test_auto_for_a_matrix_vector_step():
   choice = _choose(*_logistic(), K=4, T=100)
   assert choice.mode == "reverse", choice
   # residuals: a few K x M vectors, far below the intensity threshold
   assert choice.residual_bytes < 0.02 * choice.step_flops
+  # reading the data dominates: two forward directions share each read
+  assert choice.step_flops < 4 * choice.data_bytes
+  assert _choose(*_logistic(K=2), K=2, T=100).mode == "forward"
 
 
 def test_auto_picks_remat_when_residuals_dominate():

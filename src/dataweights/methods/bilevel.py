@@ -431,6 +431,12 @@ HYPERGRAD_MODES = ("forward", "reverse", "reverse_remat")
 # (forward-over-reverse HVP, vmapped over K); reverse mode's backward
 # pass costs about one more step; remat adds one recomputed forward step.
 FORWARD_STEPS_PER_DIRECTION = 1.5
+# ... unless the step is bound by reading its data (fewer than
+# DATA_BOUND_FLOPS_PER_BYTE FLOPs per byte of closed-over data and
+# minibatch, e.g. logistic regression): the K vmapped directions then share
+# each read of the data and cost FORWARD_STEPS_PER_DIRECTION_DATA_BOUND.
+DATA_BOUND_FLOPS_PER_BYTE = 4.0
+FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.45
 REVERSE_STEPS = 2.0
 REMAT_STEPS = 3.0
 # Above this many stored residual bytes per FLOP of the inner step, and once
@@ -455,6 +461,8 @@ class ModeChoice:
     residual_bytes: ``R``, bytes reverse mode stores per inner step beyond
       ``θ_t`` (``None`` if it could not be traced).
     step_flops: XLA's FLOP count of one inner step (``None`` if unknown).
+    data_bytes: bytes of the data one inner step reads (closed-over
+      constants and its minibatch).
   """
 
   mode: str
@@ -465,6 +473,7 @@ class ModeChoice:
   param_bytes: int
   residual_bytes: int | None
   step_flops: float | None
+  data_bytes: int
 
 
 def _nbytes(tree) -> int:
@@ -515,7 +524,8 @@ def choose_hypergrad_mode(
   ================  ==========================  ==================
   mode              time (inner steps per step)  memory
   ================  ==========================  ==================
-  forward           ``1 + 1.5 K``               ``(K + 2) P + R``
+  forward           ``1 + 1.5 K``; ``1 + 0.45 K``  ``(K + 2) P + R``
+                    if ``F`` < 4 x data bytes
   reverse           ``2``, or ``2 ρ / ρ*`` if   ``T (P + R) + P``
                     ``ρ = R / F > ρ* = 0.02``
                     and ``T (P + R) > 1 MiB``
@@ -524,7 +534,10 @@ def choose_hypergrad_mode(
 
   Reverse mode is memory-bound when it stores more than ``ρ*`` bytes per
   FLOP and its residuals outgrow the cache (then recomputing the step is
-  cheaper than storing it). Among the
+  cheaper than storing it). Forward mode's K directions are vmapped: when
+  the step does fewer than 4 FLOPs per byte of data it reads (its
+  closed-over constants and minibatch), they share each read of the data
+  and cost 0.45 steps each, not 1.5. Among the
   modes whose memory fits ``memory_budget_bytes`` the fastest wins, ties to
   the smaller memory; if none fits, the smallest memory wins. The constants
   are fitted to ``benchmarks/bench_mixing.py`` (tanh MLP, logistic
@@ -534,7 +547,7 @@ def choose_hypergrad_mode(
   reverse mode; a budget below ``T P`` forces forward mode; a step that
   stores many activations per FLOP (an MLP on many examples) gives
   ``reverse_remat``; a matrix-vector step (logistic regression) gives
-  ``reverse``.
+  ``reverse`` for ``K >= 3`` and ``forward`` for ``K <= 2``.
 
   Args:
     problem: the bilevel problem.
@@ -588,14 +601,19 @@ def choose_hypergrad_mode(
     F = float(cost["flops"]) if cost and cost.get("flops") else None
   except Exception:  # noqa: BLE001 -- cost analysis is optional
     F = None
+  consts = jax.make_jaxpr(step)(params, batch0).consts
+  data = _nbytes([c for c in consts if hasattr(c, "dtype")]) + _nbytes(batch0)
   r = P if R is None else R
   rho = None if F is None or F <= 0 else r / F
+  per_direction = FORWARD_STEPS_PER_DIRECTION
+  if F is not None and data > 0 and F / data < DATA_BOUND_FLOPS_PER_BYTE:
+    per_direction = FORWARD_STEPS_PER_DIRECTION_DATA_BOUND
   t_rev = REVERSE_STEPS
   stored = T * (P + r)
   if rho is not None and rho > RESIDUAL_BYTES_PER_FLOP and stored > CACHE_BYTES:
     t_rev = REVERSE_STEPS * rho / RESIDUAL_BYTES_PER_FLOP
   time_steps = {
-    "forward": 1 + FORWARD_STEPS_PER_DIRECTION * K,
+    "forward": 1 + per_direction * K,
     "reverse": t_rev,
     "reverse_remat": REMAT_STEPS,
   }
@@ -627,6 +645,7 @@ def choose_hypergrad_mode(
     param_bytes=P,
     residual_bytes=R,
     step_flops=F,
+    data_bytes=data,
   )
 
 
