@@ -339,7 +339,7 @@ def goals(out: dict) -> dict:
   if cmp:
     v = cmp["variants"]
     g["mfu_median_ge_0.40"] = cmp["mfu_median"] >= 0.40
-    for peer in ("linen", "maxtext"):
+    for peer in ("linen", "maxtext", "maxtext_unrolled_minimal"):
       if peer in v:
         r = v[peer]["project_step_over_this_paired"]["median"]
         g[f"project_over_{peer}_paired_median_le_0.9"] = r <= 0.9
@@ -412,6 +412,13 @@ def main() -> None:
       variants,
       args.peak_n,
       args.maxtext_python,
+      {
+        "maxtext": {},  # its defaults: scanned layers, full remat
+        "maxtext_unrolled_minimal": {
+          "scan_layers": False,
+          "remat_policy": "minimal",
+        },
+      },
     )
     proj = cmp["variants"]["project"]
     flops = out["model_flops_per_step"]

@@ -155,7 +155,13 @@ class MaxTextWorker:
   its rounds interleave with this process's.
   """
 
-  def __init__(self, python: str, cfg: lm.ModelConfig, batch_size: int):
+  def __init__(
+    self,
+    python: str,
+    cfg: lm.ModelConfig,
+    batch_size: int,
+    overrides: dict | None = None,
+  ):
     import os
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -173,6 +179,7 @@ class MaxTextWorker:
           "batch": batch_size,
         }
       ),
+      json.dumps(overrides or {}),
     ]
     self.proc = subprocess.Popen(
       args,
@@ -210,6 +217,7 @@ def compare_steps(
   variants: dict[str, dict],
   peak_n: int,
   maxtext_python: str | None = None,
+  maxtext_variants: dict[str, dict] | None = None,
 ) -> dict:
   """Interleaved rounds of every variant's step, forward and fwd+bwd.
 
@@ -222,6 +230,8 @@ def compare_steps(
       ``"project"`` (no overrides) is always included.
     peak_n: size of the square float32 matmul timed each round (peak).
     maxtext_python: the python of MaxText's own venv, or None.
+    maxtext_variants: name -> MaxText config overrides, one worker each
+      (default: ``{"maxtext": {}}``, MaxText's defaults).
 
   Returns:
     Per variant: step / forward / fwd+bwd seconds (min, median, all),
@@ -233,19 +243,23 @@ def compare_steps(
     cfg = dataclasses.replace(base_cfg, **over)
     runs[name], extras[name] = project_step(cfg, batch_size)
   runs["linen"], extras["linen"] = linen_step(base_cfg, batch_size)
-  maxtext, maxtext_status = None, "not requested (--maxtext-python)"
+  workers, maxtext_status = {}, "not requested (--maxtext-python)"
   if maxtext_python:
-    try:
-      maxtext = MaxTextWorker(maxtext_python, base_cfg, batch_size)
-      maxtext_status = maxtext.info
-    except Exception as e:  # noqa: BLE001 -- reported in the JSON
-      maxtext_status = f"failed: {type(e).__name__}: {e}"
+    maxtext_status = {}
+    for name, over in (maxtext_variants or {"maxtext": {}}).items():
+      try:
+        workers[name] = MaxTextWorker(
+          maxtext_python, base_cfg, batch_size, over
+        )
+        maxtext_status[name] = {"overrides": over, **workers[name].info}
+      except Exception as e:  # noqa: BLE001 -- reported in the JSON
+        maxtext_status[name] = f"failed: {type(e).__name__}: {e}"
   key1, key2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key1, (peak_n, peak_n), jnp.float32)
   b = jax.random.normal(key2, (peak_n, peak_n), jnp.float32)
   dot = jax.jit(jnp.dot).lower(a, b).compile()
 
-  names = list(runs) + (["maxtext"] if maxtext else [])
+  names = list(runs) + list(workers)
   step_s = {n: [] for n in names}
   fwd_s = {n: [] for n in names}
   grad_s = {n: [] for n in names}
@@ -257,10 +271,10 @@ def compare_steps(
     jax.block_until_ready(dot(a, b))
     peak_s.append(time.perf_counter() - t0)
     for n in names:
-      if n == "maxtext":
-        step_s[n].append(maxtext.time("run", steps) / steps)
-        fwd_s[n].append(maxtext.time("fwd"))
-        grad_s[n].append(maxtext.time("grad"))
+      if n in workers:
+        step_s[n].append(workers[n].time("run", steps) / steps)
+        fwd_s[n].append(workers[n].time("fwd"))
+        grad_s[n].append(workers[n].time("grad"))
         continue
       t0 = time.perf_counter()
       out = None
@@ -275,8 +289,8 @@ def compare_steps(
       t0 = time.perf_counter()
       jax.block_until_ready(x["grad"](x["params"]))
       grad_s[n].append(time.perf_counter() - t0)
-  if maxtext:
-    maxtext.close()
+  for w in workers.values():
+    w.close()
   out = {"rounds": rounds, "steps_per_round": steps, "variants": {}}
   for n in names:
     med_f = statistics.median(fwd_s[n])
