@@ -21,7 +21,9 @@ from dataweights.configs.base import ConfigError
 from dataweights.models import gpt2
 from dataweights.models import transformer as tr
 
-CFG = lm.lm_model("smoke", num_layers=3, d_model=32, num_heads=4, d_mlp=64)
+CFG = lm.lm_model(
+  "smoke", num_layers=3, d_model=32, num_heads=4, d_mlp=64, remat="none"
+)
 B, L = 2, 16
 
 
@@ -63,7 +65,7 @@ def _grad_fusion_inputs(cfg) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch"])
 def test_backward_fusions_do_not_grow_with_depth(remat):
   """The residual gradient is materialised, not recomputed per consumer.
 
@@ -167,7 +169,8 @@ def _stacked_grads(grads_unrolled):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["none", "dots_no_batch"])
 def test_scan_equals_unrolled(remat):
   cfg = dataclasses.replace(CFG, remat=remat, dropout=0.1)
   unrolled = tr.Transformer(cfg, rngs=nnx.Rngs(0))
@@ -294,7 +297,7 @@ def test_stack_layers_rejects_a_scanned_model():
 def test_remat_config_values():
   assert lm.lm_model("smoke", remat=True).remat == "full"
   assert lm.lm_model("smoke", remat=False).remat == "none"
-  assert lm.lm_model("smoke").remat == "none"
+  assert lm.lm_model("smoke").remat == "dots_no_batch"
   with pytest.raises(ConfigError, match="remat = 'some' is invalid"):
     lm.lm_model("smoke", remat="some")
   with pytest.raises(ConfigError, match="scan_layers = 'yes' is invalid"):
