@@ -327,8 +327,9 @@ def depth_sweep(
 ) -> list[dict]:
   """Compile time, forward, fwd+bwd against depth, unrolled and scanned.
 
-  Per depth the variants (unrolled, scanned; each with the project's
-  default remat) are compiled, then timed in interleaved rounds.
+  Per depth the variants (unrolled and scanned with the project's
+  defaults; unrolled without barrier and remat, i.e. before the fix) are
+  compiled, then timed in interleaved rounds.
   """
   rows = []
   for depth in depths:
@@ -337,6 +338,8 @@ def depth_sweep(
     for name, over in (
       ("unrolled", {}),
       ("scan", {"scan_layers": True}),
+      # the model as it was before the fix: no barrier, no remat
+      ("no_barrier_no_remat", {"grad_barrier": False, "remat": "none"}),
     ):
       cfg = dataclasses.replace(base_cfg, num_layers=depth, **over)
       model = Transformer(cfg, rngs=nnx.Rngs(0))
