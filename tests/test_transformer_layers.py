@@ -302,3 +302,34 @@ def test_remat_config_values():
     lm.lm_model("smoke", remat="some")
   with pytest.raises(ConfigError, match="scan_layers = 'yes' is invalid"):
     lm.lm_model("smoke", scan_layers="yes")
+
+
+def test_bfloat16_scanned_remat_model_close_to_float32():
+  """The bf16 compute path through scan, remat and the barrier (on CPU)."""
+  cfg = dataclasses.replace(CFG, scan_layers=True, remat="dots_no_batch")
+  m32 = tr.Transformer(cfg, rngs=nnx.Rngs(0))
+  m16 = tr.Transformer(
+    dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0)
+  )
+  tokens = _tokens()
+  fwd = nnx.jit(lambda m, t: m(t))
+  a, b = fwd(m32, tokens[:, :-1]), fwd(m16, tokens[:, :-1])
+  assert b.dtype == jnp.float32
+  scale = np.abs(np.asarray(a)).max()
+  assert np.abs(np.asarray(a - b)).max() < 0.05 * scale
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+  grad = nnx.jit(
+    lambda m, t: nnx.state(
+      nnx.grad(lambda m: tr.next_token_loss(m, t).mean())(m), nnx.Param
+    )
+  )
+  g16 = jax.tree.leaves(grad(m16, tokens))
+  g32 = jax.tree.leaves(grad(m32, tokens))
+  assert len(g16) == len(g32)
+  for x in g16:
+    assert x.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(x)))
+  # the bf16 gradient points the same way as the float32 one
+  cos = sum(jnp.vdot(x, y) for x, y in zip(g16, g32)) / jnp.sqrt(
+    sum(jnp.vdot(x, x) for x in g16) * sum(jnp.vdot(y, y) for y in g32)
+  )
+  assert cos > 0.99, cos
