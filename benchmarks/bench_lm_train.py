@@ -392,6 +392,7 @@ def main() -> None:
   if args.quick:
     args.profile, args.steps, args.repeats, args.peak_n = "smoke", 2, 2, 512
   t0 = time.perf_counter()
+  load_start = os.getloadavg()
   out = run(args.profile, args.steps, args.repeats, args.peak_n)
   model_cfg = lm.lm_model(args.profile)
   batch_size = train_configs.train(args.profile, progress=False).batch_size
@@ -431,6 +432,8 @@ def main() -> None:
       flops / proj["step_s"]["min"] / (cmp["peak_matmul"]["gflops_best"] * 1e9)
     )
     out["compare"] = cmp
+  if not args.no_compare:
+    out["matmul_layouts"] = lm_compare.matmul_layouts(args.rounds)
   if args.depths:
     print("depth sweep ...", flush=True)
     out["depth_sweep"] = lm_compare.depth_sweep(
@@ -449,6 +452,7 @@ def main() -> None:
       prof[name] = (x["grad"], x["params"])
     out["op_profile"] = lm_compare.op_profiles(prof, calls=20)
   out["goals"] = goals(out)
+  out["load_average"] = {"start": load_start, "end": os.getloadavg()}
   out["note"] = args.note
   out["cpu_count"] = os.cpu_count()
   out["provenance"] = results.provenance(args.profile, time.perf_counter() - t0)

@@ -406,3 +406,39 @@ def op_profiles(variants: dict[str, tuple], calls: int) -> dict:
   for name, (grad, params) in variants.items():
     out[name] = op_profile.profile(grad, (params,), calls=calls, top=30)
   return out
+
+
+def matmul_layouts(rounds: int, m: int = 2048, k: int = 512, n: int = 128):
+  """The rate of the three matmuls of a Dense layer, at equal FLOPs.
+
+  Forward ``x W`` (``m x k`` by ``k x n``), input gradient ``dy W^T`` and
+  weight gradient ``x^T dy`` (contracting over the ``m = B L`` rows, the
+  major axis of both operands). Interleaved rounds; GFLOP/s of the best.
+  """
+  key1, key2, key3 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(key1, (m, k), jnp.float32)
+  w = jax.random.normal(key2, (k, n), jnp.float32)
+  dy = jax.random.normal(key3, (m, n), jnp.float32)
+  fns = {
+    "forward_x_W": (jax.jit(lambda x, w: x @ w), (x, w)),
+    "input_grad_dy_WT": (jax.jit(lambda dy, w: dy @ w.T), (dy, w)),
+    "weight_grad_xT_dy": (jax.jit(lambda x, dy: x.T @ dy), (x, dy)),
+  }
+  times = {name: [] for name in fns}
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))
+  for _ in range(rounds):
+    for name, (fn, args) in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(5):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / 5)
+  flops = 2 * m * k * n
+  return {
+    "shape_m_k_n": [m, k, n],
+    **{
+      name: {"seconds": _stats(t), "gflops_best": flops / min(t) / 1e9}
+      for name, t in times.items()
+    },
+  }
