@@ -24,18 +24,10 @@ from dataweights import book
 
 def _time_notebook(src: Path, cwd: Path, params: dict) -> float:
   with tempfile.TemporaryDirectory() as tmp:
-    params = (
-      {**params, "results_dir": tmp} if "results_dir" in params else params
-    )
+    params = {**params, "results_dir": tmp} if "results_dir" in params else params
     t0 = time.perf_counter()
-    pm.execute_notebook(
-      str(src),
-      str(Path(tmp) / "out.ipynb"),
-      parameters=params,
-      kernel_name="python3",
-      cwd=str(cwd),
-      progress_bar=False,
-    )
+    pm.execute_notebook(str(src), str(Path(tmp) / "out.ipynb"), parameters=params,
+                        kernel_name="python3", cwd=str(cwd), progress_bar=False)
     return time.perf_counter() - t0
 
 
@@ -50,39 +42,21 @@ def main() -> None:
   root = book.repo_root()
   with tempfile.TemporaryDirectory() as tmp:
     empty = Path(tmp) / "empty.ipynb"
-    nb = nbformat.v4.new_notebook(
-      cells=[nbformat.v4.new_code_cell("import jax\njax.devices()")]
-    )
-    nb.metadata["kernelspec"] = {
-      "name": "python3",
-      "display_name": "Python 3",
-      "language": "python",
-    }
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import jax\njax.devices()")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, empty)
     baseline = _time_notebook(empty, Path(tmp), {})
   rows = {}
   for ch in args.chapters or book.chapters(root):
-    wall = _time_notebook(
-      root / "book" / f"{ch}.ipynb",
-      root / "book",
-      {"profile": profile, "results_dir": ""},
-    )
-    rows[ch] = {
-      "wall_s": round(wall, 1),
-      "ratio_to_empty_kernel": round(wall / baseline, 1),
-    }
+    wall = _time_notebook(root / "book" / f"{ch}.ipynb", root / "book",
+                          {"profile": profile, "results_dir": ""})
+    rows[ch] = {"wall_s": round(wall, 1), "ratio_to_empty_kernel": round(wall / baseline, 1)}
     print(f"{ch}: {wall:.1f} s ({wall / baseline:.1f}x an empty kernel)")
   out = {
-    "profile": profile,
-    "cpu_count": os.cpu_count(),
-    "empty_kernel_s": round(baseline, 2),
-    "chapters": rows,
-    "floor": {
-      "ch1_mixing_book_max_s": 180,
-      "ok": rows.get("ch1_mixing", {}).get("wall_s", 0) <= 180
-      if profile == "book"
-      else None,
-    },
+    "profile": profile, "cpu_count": os.cpu_count(),
+    "empty_kernel_s": round(baseline, 2), "chapters": rows,
+    "floor": {"ch1_mixing_book_max_s": 180,
+              "ok": rows.get("ch1_mixing", {}).get("wall_s", 0) <= 180 if profile == "book" else None},
   }
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
