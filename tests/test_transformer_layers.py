@@ -205,7 +205,7 @@ def test_scanned_params_have_a_layers_axis_and_partition_specs():
   model = tr.Transformer(cfg, rngs=nnx.Rngs(0))
   kernel = model.blocks.attn.query.kernel
   assert kernel.shape == (3, 32, 4, 8)
-  assert kernel.out_sharding == ("layers", "embed", "heads", "kv")
+  assert kernel.out_sharding == (None, "embed", "heads", "kv")
   specs = dict(nnx.to_flat_state(sharding.partition_specs(model)))
   spec = specs[("blocks", "attn", "query", "kernel")].get_value()
   assert tuple(spec) == (None, "fsdp", "model", None)

@@ -61,7 +61,6 @@ RULES: Rules = (
   ("length", None),  # L, position-table rows
   ("kv", None),  # Dh, head width
   ("norm", None),  # D-sized vectors (LayerNorm, residual biases)
-  ("layers", None),  # the stacked-blocks axis of scan_layers=True models
 )
 
 # The same names, all replicated: pure data parallelism.

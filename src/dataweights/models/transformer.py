@@ -396,25 +396,40 @@ _REMAT_POLICIES = {
 def _block_fn(cfg: ModelConfig, *, in_scan: bool):
   """``(block, x, mask, key) -> x``, rematerialised as ``cfg.remat`` says.
 
-  Inside ``lax.scan`` CSE cannot hoist the recomputation, so
-  ``prevent_cse`` (extra barriers) is off there, as the ``jax.checkpoint``
-  docs advise.
+  Functional ``jax.checkpoint`` over the block's split state (not
+  ``nnx.remat``, which writes variables back into the module and so fails
+  when the model was built outside the current trace, e.g. a model closed
+  over by ``jax.vmap`` for per-example losses). Inside ``lax.scan`` CSE
+  cannot hoist the recomputation, so ``prevent_cse`` (extra barriers) is
+  off there, as the ``jax.checkpoint`` docs advise.
   """
   if cfg.remat == "none":
     return _block_call
-  return nnx.remat(
-    _block_call, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not in_scan
-  )
+  policy = _REMAT_POLICIES[cfg.remat]
+
+  def call(block, x, mask, key):
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, mask, key):
+      return nnx.merge(graphdef, state)(x, mask, key)
+
+    return jax.checkpoint(run, policy=policy, prevent_cse=not in_scan)(
+      state, x, mask, key
+    )
+
+  return call
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-  """``num_layers`` blocks as one Block with a leading ``layers`` axis."""
+  """``num_layers`` blocks as one Block with a leading (replicated) axis."""
 
   @nnx.split_rngs(splits=cfg.num_layers)
   @nnx.vmap(
     in_axes=(0,),
     out_axes=0,
-    transform_metadata={nnx.PARTITION_NAME: "layers"},
+    # The layer axis gets no logical name (None): it is never sharded, and
+    # the rules table needs no entry for it.
+    transform_metadata={nnx.PARTITION_NAME: None},
   )
   def make(rngs: nnx.Rngs) -> Block:
     return Block(cfg, rngs=rngs)
