@@ -32,10 +32,10 @@ Inside a mesh the residual stream is constrained to the batch mesh axes
 ``cfg.dtype`` is the compute dtype (parameters are cast at use, LayerNorm
 and softmax run in float32, logits are returned in float32);
 ``cfg.param_dtype`` the storage dtype; ``cfg.remat`` recomputes each block
-in the backward pass (``nnx.remat``) under one of
+in the backward pass (``jax.checkpoint``) under one of
 :data:`dataweights.configs.lm.REMAT_POLICIES`; ``cfg.scan_layers`` stacks
 the blocks' parameters along a leading ``layers`` axis and runs them with
-one ``lax.scan`` (compile time independent of depth).
+one ``lax.scan`` (one block compiled, whatever the depth).
 
 The residual-gradient barrier (``cfg.grad_barrier``, on by default). In the
 backward pass the gradient of the residual stream at block ``i`` is a pure
