@@ -41,7 +41,7 @@ OUTER_UPDATES: dict[str, Callable[..., jax.Array]] = {
   "eg": simplex.eg_update,
   "pgd": simplex.projected_update,
 }
-HYPERGRADS = ("forward", "reverse")
+HYPERGRADS = ("forward", "reverse", "reverse_remat", "auto")
 
 
 class MixingError(ValueError):
@@ -270,6 +270,29 @@ def _check_weights(name: str, w_K: ArrayLike) -> jax.Array:
   return w_K
 
 
+def _auto_mode(problem, params0, w0_K, lr, T, batch_fn, key_R, budget):
+  """(hypergrad, remat) chosen by the cost model of the bilevel module."""
+  batches = None
+  if batch_fn is not None:
+    key_b, _ = jax.random.split(key_R[0])
+    batches = jax.eval_shape(batch_fn, key_b)
+  try:
+    mode = bilevel.choose_hypergrad_mode(
+      problem,
+      params0,
+      w0_K,
+      lr=lr,
+      T=T,
+      batches=batches,
+      memory_budget_bytes=budget,
+    ).mode
+  except ValueError as e:
+    raise MixingError(str(e)) from e
+  if mode == "reverse_remat":
+    return "reverse", True
+  return mode, False
+
+
 def run_mixing(
   problem: bilevel.MixingProblem,
   params0: Params,
@@ -288,6 +311,7 @@ def run_mixing(
   eval_batch: Batch | None = None,
   check_finite: bool = True,
   remat: bool = False,
+  memory_budget_bytes: int | None = None,
 ) -> MixingTrace:
   """Bilevel data mixing with a weight update every T inner steps.
 
@@ -317,8 +341,11 @@ def run_mixing(
     N: budget of inner steps, an integer ``>= T``.
     beta: outer step size ``β``, finite and > 0.
     outer: ``"eg"`` (exponentiated gradient) or ``"pgd"`` (projected).
-    hypergrad: ``"forward"`` (Prop. 4.1, memory independent of T) or
-      ``"reverse"`` (backprop through the T steps).
+    hypergrad: ``"forward"`` (Prop. 4.1, memory independent of T),
+      ``"reverse"`` (backprop through the T steps), ``"reverse_remat"``
+      (the same with each step rematerialised) or ``"auto"``: chosen once,
+      before the run, by :func:`.bilevel.choose_hypergrad_mode` from T, K,
+      the sizes of one inner step and ``memory_budget_bytes``.
     batch_fn: ``key -> batches`` with leading axis T (minibatch variant);
       ``None`` = full batch.
     val_batch_fn: ``key -> validation batch`` for the hypergradient;
@@ -332,6 +359,8 @@ def run_mixing(
       non-finite (skipped when called under an outer transformation).
     remat: with ``hypergrad="reverse"``, checkpoint each inner step (see
       :func:`.bilevel.hypergrad_reverse`); ignored by forward mode.
+    memory_budget_bytes: with ``hypergrad="auto"``, the bytes the
+      hypergradient may keep (None: no limit).
 
   Returns:
     A :class:`MixingTrace`.
@@ -368,6 +397,12 @@ def run_mixing(
   R, rem = divmod(N, T)
   key_R = _round_keys(key, R, batch_fn is not None or val_batch_fn is not None)
   key_rem = jax.random.fold_in(key if key is not None else jax.random.key(0), R)
+  if hypergrad == "auto":
+    hypergrad, remat = _auto_mode(
+      problem, params0, w0_K, lr, T, batch_fn, key_R, memory_budget_bytes
+    )
+  elif hypergrad == "reverse_remat":
+    hypergrad, remat = "reverse", True
   trace = _run_jit(
     params0,
     w0_K,

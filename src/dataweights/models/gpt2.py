@@ -20,6 +20,7 @@ Nothing is downloaded: pass the path of a ``model.safetensors`` you have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from dataweights.configs.lm import ModelConfig, lm_model
-from dataweights.models.transformer import Transformer
+from dataweights.models.transformer import Transformer, stack_layers
 
 PREFIX = "transformer."
 # Buffers that some checkpoints carry and that hold no weights.
@@ -253,7 +254,10 @@ def load_gpt2_tensors(
       "GPT-2 weights need use_bias=True and tie_embeddings=True; got "
       f"use_bias={cfg.use_bias}, tie_embeddings={cfg.tie_embeddings}"
     )
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  # The checkpoint is per layer: fill the unrolled layout, then stack the
+  # blocks if the config scans over layers.
+  unrolled = dataclasses.replace(cfg, scan_layers=False)
+  model = nnx.eval_shape(lambda: Transformer(unrolled, rngs=nnx.Rngs(0)))
   used = set()
   for key, path, fn in _mapping(cfg):
     src = np.asarray(_require(tensors, key))
@@ -285,6 +289,8 @@ def load_gpt2_tensors(
       f"{extra[:6]}; the config has num_layers={cfg.num_layers} (pass "
       "strict=False to ignore them)"
     )
+  if cfg.scan_layers:
+    model = stack_layers(model)
   if mesh is not None:
     from dataweights import sharding  # noqa: PLC0415
 
