@@ -633,6 +633,15 @@ class Transformer(nnx.Module):
     return x_BxLxD
 
 
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The :class:`Transformer` of ``cfg`` with shapes only (nothing allocated).
+
+  For checks that need parameter shapes and logical axes, e.g.
+  :func:`dataweights.sharding.check_divisible`.
+  """
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
 def per_token_loss(
   logits_BxLxV: jax.Array,
   targets_BxL: jax.Array,
