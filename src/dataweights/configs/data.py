@@ -41,6 +41,12 @@ class DataConfig:
       (an article, an episode, a file), for diversity and balanced splits.
     text_split_fractions: train, validation, test byte fractions (by group).
     seed: subsampling and split seed.
+    instr_pairs_per_source: at most this many prompt/response pairs per
+      instruction source (``dw_instructions``, all splits).
+    instr_max_prompt_bytes: prompts are cut at a word boundary to this.
+    instr_max_response_bytes: responses likewise.
+    instr_max_pairs_per_group: at most this many pairs from one document
+      group (a conversation, an episode, a chapter), for diversity.
   """
 
   profile: str = "book"
@@ -50,6 +56,10 @@ class DataConfig:
   text_max_group_bytes: int = 12_500
   text_split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
   seed: int = 0
+  instr_pairs_per_source: int = 4000
+  instr_max_prompt_bytes: int = 256
+  instr_max_response_bytes: int = 256
+  instr_max_pairs_per_group: int = 40
 
   def __post_init__(self) -> None:
     check_profile(self.profile)
@@ -57,6 +67,10 @@ class DataConfig:
     check_int(self, "text_max_group_bytes")
     check_int(self, "seed", minimum=0)
     check_in_range(self, "text_max_doc_bytes", 64, 1 << 20)
+    check_int(self, "instr_pairs_per_source", "instr_max_pairs_per_group")
+    check_int(
+      self, "instr_max_prompt_bytes", "instr_max_response_bytes", minimum=16
+    )
     fr = self.text_split_fractions
     if (
       not isinstance(fr, tuple)
@@ -84,15 +98,36 @@ class DataConfig:
       "seed": self.seed,
     }
 
+  def instruction_fingerprint(self) -> dict[str, Any]:
+    """The fields that determine the ``dw_instructions`` bytes (the split
+    fractions and the seed are shared with the text domains)."""
+    return {
+      "instr_pairs_per_source": self.instr_pairs_per_source,
+      "instr_max_prompt_bytes": self.instr_max_prompt_bytes,
+      "instr_max_response_bytes": self.instr_max_response_bytes,
+      "instr_max_pairs_per_group": self.instr_max_pairs_per_group,
+      "text_split_fractions": list(self.text_split_fractions),
+      "seed": self.seed,
+    }
+
 
 PRESETS: dict[str, dict[str, Any]] = {
   "smoke": {
     "text_bytes_per_domain": 6_000,
     "text_max_doc_bytes": 1024,
     "text_max_group_bytes": 1_000,
+    "instr_pairs_per_source": 60,
+    "instr_max_prompt_bytes": 64,
+    "instr_max_response_bytes": 64,
+    "instr_max_pairs_per_group": 4,
   },
   "book": {},
-  "paper": {"text_bytes_per_domain": 1_000_000, "text_max_group_bytes": 50_000},
+  "paper": {
+    "text_bytes_per_domain": 1_000_000,
+    "text_max_group_bytes": 50_000,
+    "instr_pairs_per_source": 20_000,
+    "instr_max_pairs_per_group": 200,
+  },
 }
 
 

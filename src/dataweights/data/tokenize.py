@@ -7,9 +7,11 @@ Token ids:
   * :data:`PAD_ID` ``= 256``: padding (always masked out of the loss);
   * :data:`BOS_ID` ``= 257``: beginning of a document;
   * :data:`EOS_ID` ``= 258``: end of a document (also the separator between
-    packed documents).
+    packed documents);
+  * :data:`SEP_ID` ``= 259``: between a prompt and its response
+    (instruction pairs, :mod:`dataweights.data.instructions`).
 
-Ids ``259 .. 263`` are reserved (unused), so :data:`VOCAB_SIZE` ``= 264``
+Ids ``260 .. 263`` are reserved (unused), so :data:`VOCAB_SIZE` ``= 264``
 (``configs.lm.BYTE_VOCAB_SIZE``: 256 bytes + 8 specials keeps V divisible
 by 8 for tensor parallelism). Tokens are ``int32``. A document encodes to
 ``[BOS, b_0, ..., b_{n-1}, EOS]``, so every document has at least two tokens
@@ -26,9 +28,15 @@ NUM_BYTES: int = 256
 PAD_ID: int = 256
 BOS_ID: int = 257
 EOS_ID: int = 258
-NUM_SPECIAL: int = 8  # ids 256..263: pad, bos, eos, then reserved
+SEP_ID: int = 259
+NUM_SPECIAL: int = 8  # ids 256..263: pad, bos, eos, sep, then reserved
 VOCAB_SIZE: int = NUM_BYTES + NUM_SPECIAL
-SPECIAL_IDS: dict[str, int] = {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
+SPECIAL_IDS: dict[str, int] = {
+  "pad": PAD_ID,
+  "bos": BOS_ID,
+  "eos": EOS_ID,
+  "sep": SEP_ID,
+}
 
 
 def to_bytes(value: object) -> bytes:
