@@ -26,7 +26,7 @@ LAYER = {
   "results": 5, "experiments": 6, "book": 7, "cli": 8, "__main__": 8,
 }
 DATA_STAGE = {"sources": 0, "build": 1, "prepare": 2, "prepared": 2, "tokenize": 0,
-              "pipeline": 3, "mixture": 4, "online": 4}
+              "pipeline": 3, "mixture": 4, "online": 4, "instructions": 4}
 
 
 def _imports(path: Path):
