@@ -61,7 +61,9 @@ def _reference(case: str, pad: str) -> dict[str, np.ndarray]:
   prefix = "" if pad == "none" else pad + "/"
   out = {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
   if pad == "none":
-    out = {k: v for k, v in out.items() if not k.startswith(("left/", "right/"))}
+    out = {
+      k: v for k, v in out.items() if not k.startswith(("left/", "right/"))
+    }
   return out
 
 
@@ -101,7 +103,9 @@ def _hf_layout(g: nnx.State, cfg) -> dict[str, jax.Array]:
 
 def _rel(x, ref) -> float:
   ref = np.asarray(ref, np.float64)
-  return float(np.abs(np.asarray(x, np.float64) - ref).max() / np.abs(ref).max())
+  return float(
+    np.abs(np.asarray(x, np.float64) - ref).max() / np.abs(ref).max()
+  )
 
 
 def _inputs(ref):
@@ -143,7 +147,9 @@ def test_logits_loss_and_gradients_match_hugging_face(case, pad):
   loss_fn = lambda m: tr.next_token_loss(m, tokens, mask).mean()
   loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
   err = _rel(loss, ref["loss64"])
-  assert err <= tol, f"loss rel {err:.3g} > {tol:.3g}: {loss} vs {ref['loss64']}"
+  assert err <= tol, (
+    f"loss rel {err:.3g} > {tol:.3g}: {loss} vs {ref['loss64']}"
+  )
 
   ours = _hf_layout(grads, model.cfg)
   want = {k[len("grad64/") :] for k in ref if k.startswith("grad64/")}
@@ -215,7 +221,9 @@ def _copy_case(tmp_path, case="a", **changes):
     ("pruned_heads", {"0": [1]}),
   ],
 )
-def test_config_fields_that_change_the_model_are_refused(tmp_path, field, value):
+def test_config_fields_that_change_the_model_are_refused(
+  tmp_path, field, value
+):
   path = _copy_case(tmp_path, **{field: value})
   with pytest.raises(gpt2.CheckpointError, match=rf"{field} = .*not supported"):
     gpt2.load_gpt2_safetensors(path)
@@ -271,7 +279,9 @@ def test_without_config_json_the_head_count_is_required(tmp_path):
 
 def test_arguments_contradicting_config_json_are_refused(tmp_path):
   path = _copy_case(tmp_path, "b")
-  with pytest.raises(gpt2.CheckpointError, match=r"num_heads = 2 .* n_head = 4"):
+  with pytest.raises(
+    gpt2.CheckpointError, match=r"num_heads = 2 .* n_head = 4"
+  ):
     gpt2.gpt2_config_from_checkpoint(path, num_heads=2)
   with pytest.raises(gpt2.CheckpointError, match="layer_norm_epsilon = 0.001"):
     gpt2.gpt2_config_from_checkpoint(path, layer_norm_eps=1e-5)

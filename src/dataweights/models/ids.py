@@ -69,7 +69,9 @@ def _report(lo: Any, hi: Any, *, vocab_size: int, name: str) -> None:
       raise TokenIdError(_message(lo_i, vocab_size, name))
 
 
-def check_token_ids(ids: Any, vocab_size: int, name: str = "tokens_BxL") -> None:
+def check_token_ids(
+  ids: Any, vocab_size: int, name: str = "tokens_BxL"
+) -> None:
   """Raises unless every id is an integer in ``[0, vocab_size)``.
 
   Args:

@@ -209,7 +209,18 @@ class Trainer:
     return self.static.model(self.state if state is None else state)
 
   def put_batch(self, batch: dict) -> dict:
-    """Checks the batch size and places the batch with its sharding."""
+    """Checks the batch and places it with its sharding.
+
+    Host-side checks, before anything reaches a device: every array has
+    ``train_cfg.batch_size`` rows, and the token ids of host (numpy) data
+    lie in ``[0, model_cfg.vocab_size)`` (ids already on a device are
+    checked inside the model, see :mod:`dataweights.models.ids`).
+
+    Raises:
+      ValueError: a wrong number of rows.
+      TokenIdError: a token id out of range (naming it, its position and
+        the vocabulary size).
+    """
     arrays = {
       k: np.asarray(v) if not isinstance(v, jax.Array) else v
       for k, v in batch.items()
@@ -221,6 +232,12 @@ class Trainer:
           f"batch[{key!r}] has shape {x.shape}; every batch array must have "
           f"train_cfg.batch_size = {want} rows"
         )
+    vocab_size = getattr(self.model_cfg, "vocab_size", None)
+    tokens = arrays.get("tokens_BxL")
+    if isinstance(tokens, np.ndarray) and vocab_size is not None:
+      from dataweights.models.ids import check_token_ids
+
+      check_token_ids(tokens, vocab_size, "batch['tokens_BxL']")
     if self.mesh is not None:
       from dataweights import sharding
 
