@@ -350,8 +350,7 @@ def read_hf_config(
     value = _as_int(hf[key])
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise CheckpointError(
-        f"{source}: {key} = {hf[key]!r} is invalid; it must be an integer "
-        ">= 1"
+        f"{source}: {key} = {hf[key]!r} is invalid; it must be an integer >= 1"
       )
     return value
 
