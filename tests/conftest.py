@@ -24,3 +24,18 @@ def pytest_ignore_collect(collection_path, config):
   if "sharding" in collection_path.parts and os.environ.get("DATAWEIGHTS_SHARDING_RUN") != "1":
     return True
   return None
+
+
+# Property-based tests (hypothesis): deterministic by default, so CI runs the
+# same cases every time and never writes a .hypothesis/ database. Explore
+# new cases with HYPOTHESIS_PROFILE=explore (random, 10x the examples).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile(
+  "dataweights", database=None, deadline=None, derandomize=True
+)
+settings.register_profile(
+  "explore", database=None, deadline=None, derandomize=False,
+  max_examples=1000,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dataweights"))

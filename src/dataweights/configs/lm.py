@@ -31,6 +31,7 @@ from dataweights.configs.base import (
   check_choice,
   check_in_range,
   check_int,
+  check_optional_str,
   check_positive,
   from_profile,
 )
@@ -217,6 +218,7 @@ class MeshConfig:
         "axis may take the remaining devices"
       )
     check_choice(self, "distributed", (True, False))
+    check_optional_str(self, "coordinator_address")
     for name in ("num_processes",):
       value = getattr(self, name)
       if value is not None:

@@ -144,8 +144,11 @@ class HorizonMinibatchConfig:
         f"HorizonMinibatchConfig.budgets = {self.budgets!r} is invalid: {bad} "
         f"are not multiples of chunk = {self.chunk}; allowed values are multiples of it"
       )
-    if len(self.pool_sizes) != 3 or any(
-      not isinstance(n, int) or n < 1 for n in self.pool_sizes
+    pools = self.pool_sizes
+    if (
+      not isinstance(pools, tuple)
+      or len(pools) != 3
+      or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in pools)
     ):
       raise ConfigError(
         f"HorizonMinibatchConfig.pool_sizes = {self.pool_sizes!r} is invalid; "
