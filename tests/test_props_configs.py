@@ -18,11 +18,11 @@ import dataclasses
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from props import anything, conforms, examples, value_for
 
 from dataweights.configs import data, lm, mixing, train
 from dataweights.configs.base import PROFILES, ConfigError
 from dataweights.data import pipeline
+from props import anything, conforms, examples, value_for
 
 FACTORIES = {
   "data": (data.data, data.DataConfig),
