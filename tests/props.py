@@ -73,6 +73,21 @@ anything = st.recursive(
   max_leaves=5,
 )
 
+#: JSON values (what a config.json can hold).
+json_values = st.recursive(
+  st.none()
+  | st.booleans()
+  | st.integers(-(2**40), 2**40)
+  | st.floats(allow_nan=False)
+  | st.text(max_size=4)
+  | st.sampled_from(KNOWN_STRINGS),
+  lambda inner: (
+    st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+  ),
+  max_leaves=4,
+)
+
 small_ints = st.integers(-3, 40)
 int_like = st.one_of(
   small_ints,
