@@ -95,7 +95,10 @@ def natural_weights(counts_K: ArrayLike) -> jax.Array:
     MixingError: ``counts_K`` not 1-D or with a non-positive or non-finite
       entry.
   """
-  c_K = np.asarray(counts_K, dtype=np.float64)
+  try:
+    c_K = np.asarray(counts_K, dtype=np.float64)
+  except (TypeError, ValueError):
+    c_K = np.zeros((0,))
   if c_K.ndim != 1 or c_K.shape[0] < 1:
     raise MixingError(
       f"counts_K = {counts_K!r} is invalid; expected a 1-D array of K >= 1 "
@@ -254,6 +257,32 @@ def _check_weights(name: str, w_K: ArrayLike) -> jax.Array:
   return w_K
 
 
+def _check_num_domains(
+  problem: bilevel.MixingProblem,
+  params0: Params,
+  w_K: jax.Array,
+  batch_fn: Callable[[PRNGKey], Batch] | None,
+  name: str,
+) -> None:
+  """MixingError unless ``problem.domain_losses`` gives one loss per weight.
+
+  Checked on shapes only (``jax.eval_shape``: nothing is computed).
+  """
+
+  def losses(params, key):
+    batch = None
+    if batch_fn is not None:
+      batch = jax.tree.map(lambda x: x[0], batch_fn(key))
+    return problem.domain_losses(params, batch)
+
+  out = jax.eval_shape(losses, params0, jax.random.key(0))
+  if out.shape != w_K.shape:
+    raise MixingError(
+      f"{name} has shape {w_K.shape} but problem.domain_losses returns "
+      f"shape {out.shape}; {name} needs one weight per domain"
+    )
+
+
 def run_mixing(
   problem: bilevel.MixingProblem,
   params0: Params,
@@ -317,7 +346,8 @@ def run_mixing(
     A :class:`MixingTrace`.
 
   Raises:
-    MixingError: ``w0_K`` off the simplex, ``T < 1``, ``N < T``,
+    MixingError: ``w0_K`` off the simplex or not one weight per domain of
+      ``problem``, ``T < 1``, ``N < T``,
       non-integer ``T`` or ``N``, ``lr`` or ``beta`` not finite and > 0,
       unknown ``outer`` or ``hypergrad``, or a missing key.
     NonFiniteHypergradientError: the run diverged; the message gives the
@@ -344,6 +374,7 @@ def run_mixing(
       f"hypergrad = {hypergrad!r} is invalid; allowed: {HYPERGRADS}"
     )
   w0_K = _check_weights("w0_K", w0_K)
+  _check_num_domains(problem, params0, w0_K, batch_fn, "w0_K")
   R = N // T
   key_R = _round_keys(key, R, batch_fn is not None or val_batch_fn is not None)
   trace = _run_jit(
@@ -429,12 +460,14 @@ def train_fixed(
     steps ``0, S, 2S, ..., N`` (``N / S + 1`` entries).
 
   Raises:
-    MixingError: bad ``w_K``, ``lr``, ``N`` or ``eval_every``, ``N`` not a
+    MixingError: bad ``w_K`` (off the simplex, or not one weight per
+      domain), ``lr``, ``N`` or ``eval_every``, ``N`` not a
       multiple of ``eval_every``, or a missing key.
   """
   N = _check_int("N", N, 1)
   _check_pos("lr", lr)
   w_K = _check_weights("w_K", w_K)
+  _check_num_domains(problem, params0, w_K, batch_fn, "w_K")
   if eval_every is None:
     if batch_fn is None:
       S = 1
