@@ -1,7 +1,7 @@
 """Cost of one outer round of data mixing against T plain inner steps.
 
 One outer round of ``methods.mixing.run_mixing`` is T inner steps plus the
-hypergradient through them (Proposition 4.1, papers.md §1). Measured in one
+hypergradient through them (Proposition 4.1; the book's Sources §1). Measured in one
 run, for T in {1, 10, 100, 1000} and K (= m domains) in {2, 4, 8}:
 
 * **plain** (the baseline): ``bilevel.inner_steps``, T gradient steps;

@@ -15,6 +15,7 @@ if os.environ.get("DATAWEIGHTS_SHARDING_RUN") == "1":
   ).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -24,6 +25,29 @@ def pytest_ignore_collect(collection_path, config):
   if "sharding" in collection_path.parts and os.environ.get("DATAWEIGHTS_SHARDING_RUN") != "1":
     return True
   return None
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """A persistent XLA compilation cache for one test module.
+
+  Loop tests build several trainers with the same config (as a resumed
+  process would); XLA compiles are deterministic, so a cache hit only saves
+  the 5-15 s compile of an identical program. Use it with
+  ``pytestmark = pytest.mark.usefixtures("xla_cache")``.
+  """
+  keys = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update(keys[1], 0)
+  jax.config.update(keys[2], 0)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
 
 
 # Property-based tests (hypothesis): deterministic by default, so CI runs the

@@ -112,6 +112,13 @@ int_tuple = st.one_of(
   st.lists(st.one_of(small_ints, st.booleans(), st.floats(0, 9)), max_size=3),
   anything,
 )
+float_tuple = st.one_of(
+  st.lists(st.floats(-1, 3), max_size=4).map(tuple),
+  st.lists(
+    st.one_of(st.floats(), st.integers(-2, 3), st.booleans()), max_size=3
+  ),
+  anything,
+)
 float3 = st.one_of(
   st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)),
   st.just((0.8, 0.1, 0.1)),
@@ -179,6 +186,13 @@ def value_for(annotation: str, default=None) -> st.SearchStrategy:
     "int | None": st.one_of(st.none(), int_like),
     "tuple[int, ...]": int_tuple,
     "tuple[float, float, float]": float3,
+    "tuple[float, ...]": float_tuple,
+    "tuple[str, ...]": st.one_of(
+      st.lists(
+        st.sampled_from(KNOWN_STRINGS) | st.text(max_size=3), max_size=3
+      ).map(tuple),
+      anything,
+    ),
   }
   if annotation not in table:
     raise KeyError(f"no strategy for annotation {annotation!r}")
@@ -205,8 +219,14 @@ def conforms(value, annotation: str) -> bool:
     "str | None": lambda v: v is None or isinstance(v, str),
     "int | None": lambda v: v is None or _is_int(v),
     "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
+    "tuple[float, ...]": lambda v: (
+      isinstance(v, tuple) and all(map(_is_real, v))
+    ),
     "tuple[float, float, float]": lambda v: (
       isinstance(v, tuple) and len(v) == 3 and all(map(_is_real, v))
+    ),
+    "tuple[str, ...]": lambda v: (
+      isinstance(v, tuple) and all(isinstance(x, str) for x in v)
     ),
   }
   return checks[annotation](value)

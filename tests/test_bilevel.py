@@ -1,4 +1,4 @@
-"""Hypergradients of bilevel data mixing (Proposition 4.1, papers.md §1).
+"""Hypergradients of bilevel data mixing (Proposition 4.1; the book's Sources §1).
 
 Oracles: central finite differences of the unrolled validation loss,
 forward == reverse, the closed form on a quadratic (finite T and the
@@ -273,6 +273,97 @@ def test_unrolled_converges_geometrically_to_implicit(x64):
   # From a cold start θ_0 = 0, the warm-up transient also dies out.
   h_cold, _ = _fwd(problem, {"th_D": jnp.zeros(4)}, w_K, lr=lr, T=300)
   np.testing.assert_allclose(h_cold, h_impl_K, rtol=1e-8, atol=1e-12)
+
+
+# ------------------------------- implicit with distinct train/val batches
+
+
+def _ls_batch(rng, n, D, theta_D, noise):
+  """Least-squares examples ``{"x", "y", "d"}`` (d: domain id, K domains)."""
+  x_NxD = rng.normal(size=(n, D))
+  d_N = np.arange(n) % K
+  y_N = x_NxD @ theta_D + 0.5 * d_N + noise * rng.normal(size=n)
+  return {"x": x_NxD, "y": y_N, "d": d_N}
+
+
+def _ls_problem(full_train, full_val):
+  """f_j = mean over domain j of ½(xᵀθ − y)², g = mean of ½(xᵀθ − y)².
+
+  Train and validation batches have the same structure, so a hypergradient
+  that evaluates ``g`` on the wrong batch still runs and gives a number.
+  """
+
+  def sq_N(p, b):
+    return 0.5 * (jnp.asarray(b["x"]) @ p["th_D"] - jnp.asarray(b["y"])) ** 2
+
+  def domain_losses(p, batch):
+    b = full_train if batch is None else batch
+    onehot_NxK = jax.nn.one_hot(jnp.asarray(b["d"]), K, dtype=jnp.float64)
+    return (sq_N(p, b) @ onehot_NxK) / onehot_NxK.sum(0)
+
+  def val_loss(p, batch):
+    return jnp.mean(sq_N(p, full_val if batch is None else batch))
+
+  return bilevel.MixingProblem(domain_losses, val_loss)
+
+
+def _ls_oracle(train, val, w_K):
+  """numpy closed form: θ*(w) on ``train``, h_j = −∇g(θ*)ᵀ H⁻¹ ∇f_j(θ*)."""
+  A_KxDxD, b_KxD = [], []
+  for j in range(K):
+    x_nxD, y_n = train["x"][train["d"] == j], train["y"][train["d"] == j]
+    A_KxDxD.append(x_nxD.T @ x_nxD / len(y_n))
+    b_KxD.append(x_nxD.T @ y_n / len(y_n))
+  A_KxDxD, b_KxD = np.array(A_KxDxD), np.array(b_KxD)
+  H_DxD = np.einsum("k,kde->de", w_K, A_KxDxD)
+  theta_D = np.linalg.solve(H_DxD, w_K @ b_KxD)
+  grad_f_KxD = A_KxDxD @ theta_D - b_KxD
+  r_N = val["x"] @ theta_D - val["y"]
+  grad_g_D = val["x"].T @ r_N / len(r_N)
+  g = 0.5 * np.mean(r_N**2)
+  return theta_D, -grad_f_KxD @ np.linalg.solve(H_DxD, grad_g_D), g
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_implicit_uses_the_validation_batch_for_g(x64, solver):
+  # Oracle: the numpy closed form, checked against central differences of
+  # g(θ*(w)) with θ*(w) solved in numpy. Train batch, validation batch and
+  # the full data (batch None) all differ, so ∇g taken on the training
+  # batch (or on the full validation data) gives another number.
+  rng = np.random.default_rng(7)
+  D = 3
+  t_D, v_D = rng.normal(size=D), rng.normal(size=D)
+  train = _ls_batch(rng, 30, D, t_D, 0.3)
+  val = _ls_batch(rng, 12, D, v_D, 0.3)  # another target: another θ
+  full_train = _ls_batch(rng, 30, D, t_D, 1.0)
+  full_val = _ls_batch(rng, 12, D, t_D, 1.0)
+  problem = _ls_problem(full_train, full_val)
+  w_K = np.array(W_K)
+  theta_D, h_K, _ = _ls_oracle(train, val, w_K)
+  eps = 1e-6
+  fd_K = [
+    (
+      _ls_oracle(train, val, w_K + eps * np.eye(K)[j])[2]
+      - _ls_oracle(train, val, w_K - eps * np.eye(K)[j])[2]
+    )
+    / (2 * eps)
+    for j in range(K)
+  ]
+  np.testing.assert_allclose(h_K, fd_K, rtol=1e-6)
+  # The oracle has power: g on the training batch, or on the full
+  # validation data, gives a hypergradient far from the right one.
+  for wrong_val in (train, full_val):
+    h_wrong_K = _ls_oracle(train, wrong_val, w_K)[1]
+    assert np.max(np.abs(h_wrong_K - h_K)) > 0.1 * np.max(np.abs(h_K))
+  implicit = _jit(
+    bilevel.hypergrad_implicit,
+    problem,
+    batch=train,
+    val_batch=val,
+    solver=solver,
+  )
+  got_K = implicit({"th_D": jnp.asarray(theta_D)}, jnp.asarray(w_K))
+  np.testing.assert_allclose(got_K, h_K, rtol=1e-8)
 
 
 # ---------------------------------------------------------------- errors

@@ -106,3 +106,138 @@ def test_cli_data_prepare_list_runs_the_real_parser(capsys):
 
   assert cli.main(["data", "prepare", "--list"]) == 0
   assert "dw_text_domains" in capsys.readouterr().out
+
+
+# -- robustness: nothing published is lost, errors are one clear line --
+
+
+def _published_state(root: Path) -> dict[str, bytes]:
+  files = [root / "book" / "ch.ipynb", *sorted((root / "book" / "results").rglob("*"))]
+  return {str(p.relative_to(root)): p.read_bytes() for p in files if p.is_file()}
+
+
+def _no_run(*a, **k):
+  raise AssertionError("the chapter must not be executed")
+
+
+@pytest.fixture
+def published(tmp_path):
+  _make_book(tmp_path, GOOD)
+  book.run_chapter("ch", "book", root=tmp_path, progress=False, log=lambda s: None)
+  return tmp_path
+
+
+@pytest.mark.slow
+def test_published_files_have_normal_permissions(published):
+  import stat
+
+  mode = 0o666 & ~_umask()
+  for p in [published / "book" / "ch.ipynb", published / "book/results/ch/r.json"]:
+    assert stat.S_IMODE(p.stat().st_mode) == mode, f"{p} has mode {oct(p.stat().st_mode)}"
+  assert stat.S_IMODE((published / "book/results/ch").stat().st_mode) == 0o777 & ~_umask()
+
+
+def _umask():
+  import os
+
+  m = os.umask(0)
+  os.umask(m)
+  return m
+
+
+@pytest.mark.slow
+def test_a_failed_swap_rolls_back_and_keeps_the_published_run(published, monkeypatch):
+  import os
+
+  before = _published_state(published)
+  real_replace = os.replace
+
+  def failing_replace(src, dst):
+    if str(dst).endswith("ch.ipynb"):  # the last step: the notebook
+      raise PermissionError(13, "Permission denied", str(dst))
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", failing_replace)
+  with pytest.raises(book.ChapterError, match="publishing it failed.*left as they were"):
+    book.run_chapter("ch", "book", root=published, progress=False, log=lambda s: None)
+  monkeypatch.undo()
+  assert _published_state(published) == before
+  leftovers = [p.name for p in (published / "book").rglob(".*")]
+  assert not leftovers, f"staging files left behind: {leftovers}"
+  assert not list((published / "_build" / "scratch").iterdir())
+
+
+def test_unwritable_destinations_fail_before_executing(tmp_path, monkeypatch):
+  import papermill
+
+  _make_book(tmp_path, GOOD)
+  monkeypatch.setattr(papermill, "execute_notebook", _no_run)
+  (tmp_path / "book" / "results").write_text("a file where a folder belongs")
+  with pytest.raises(book.ChapterError, match=r"results.* is not a directory"):
+    book.run_chapter("ch", "book", root=tmp_path, progress=False, log=lambda s: None)
+  with pytest.raises(book.ChapterError, match=r"is not a directory"):
+    book.run_chapter("ch", "smoke", root=tmp_path, out_dir=tmp_path / "book" / "results" / "x",
+                     progress=False, log=lambda s: None)
+
+
+def test_every_chapter_name_is_checked_before_any_runs(tmp_path, monkeypatch):
+  import papermill
+
+  _make_book(tmp_path, GOOD)
+  assert book.resolve_chapters(["ch", "ch.ipynb", "book/ch.ipynb"], tmp_path) == ["ch"] * 3
+  monkeypatch.setattr(papermill, "execute_notebook", _no_run)
+  with pytest.raises(book.UnknownChapterError, match=r"unknown chapters 'nope', 'other/ch.ipynb'.*ch"):
+    book.run_chapters(["ch", "nope", "other/ch.ipynb"], root=tmp_path, progress=False)
+
+
+def test_a_truncated_notebook_is_a_clear_error(tmp_path):
+  _make_book(tmp_path, GOOD)
+  nb = tmp_path / "book" / "ch.ipynb"
+  nb.write_text(nb.read_text()[:100])
+  with pytest.raises(book.ChapterError, match=r"not a readable notebook.*git checkout -- book/ch.ipynb"):
+    book.run_chapter("ch", "book", root=tmp_path, progress=False, log=lambda s: None)
+
+
+def test_ctrl_c_leaves_the_published_run_and_no_scratch(published, monkeypatch):
+  import papermill
+
+  before = _published_state(published)
+
+  def interrupted(*a, **k):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+  with pytest.raises(book.ChapterInterrupted, match="interrupted.*left untouched"):
+    book.run_chapter("ch", "book", root=published, progress=False, log=lambda s: None)
+  assert _published_state(published) == before
+  assert not list((published / "_build" / "scratch").iterdir())
+
+
+@pytest.mark.parametrize(
+  "argv, raised, code, message",
+  [
+    (["run", "nope"], None, 2, "error: unknown chapter 'nope'; chapters in _toc.yml: ch"),
+    (["run", "--all", "ch"], None, 2, "error: name chapters or pass --all, not both"),
+    (["run", "ch"], book.ChapterError("chapter 'ch' failed in cell [2]: boom"), 1, "error: chapter 'ch' failed"),
+    (["run", "ch"], KeyboardInterrupt(), 130, "error: interrupted; published outputs were left untouched"),
+    (["build"], book.BuildError("jupyter-book build failed (exit 1)"), 1, "error: jupyter-book build failed"),
+  ],
+)
+def test_cli_errors_are_one_line_with_documented_exit_codes(
+  argv, raised, code, message, tmp_path, monkeypatch, capsys
+):
+  from dataweights import cli
+
+  _make_book(tmp_path, GOOD)
+  monkeypatch.chdir(tmp_path)
+
+  def fail(*a, **k):
+    raise raised
+
+  if raised is not None:
+    monkeypatch.setattr(book, "run_chapters" if argv[0] == "run" else "build", fail)
+  assert cli.main(argv) == code
+  err = capsys.readouterr().err
+  assert err.startswith(message) and "Traceback" not in err
+  assert err.count("\n") == 1 + (argv[0] != "list" and code == 0), err
+  assert f"  {code} " in cli.__doc__ or f"  {code}  " in cli.__doc__

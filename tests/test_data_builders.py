@@ -76,7 +76,14 @@ def test_digits_and_adult_from_builders(built):
   assert n == 400 and d["train"]["x_MxHxW"].dtype == np.uint8
   assert set(d["test"]["domain_M"].tolist()) == {0, 1}
   df = builders.adult_table(root)
-  assert df["row"].tolist() if "row" in df else len(df) == 400
+  # Every fixture row once, and the split column agrees with the records
+  # stored under each split.
+  assert len(df) == 400
+  counts = [
+    len(builders.load_source("dw_adult", s, root)) for s in builders.SPLITS
+  ]
+  assert all(counts) and sum(counts) == 400
+  assert np.bincount(df["split"], minlength=3).tolist() == counts
   direct = fetch.read_member(
     root / "_wheels" / fetch.PINS["mglearn"].filename, "mglearn/data/adult.data"
   )

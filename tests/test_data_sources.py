@@ -8,6 +8,7 @@ it exists (CI prepares it first) and are skipped otherwise.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -191,6 +192,16 @@ def test_substitute_rate(p):
   assert all(out[i] == " " for i, c in enumerate(text) if c == " ")
 
 
+def test_substitute_replaces_with_a_different_letter():
+  # p = 1 changes every non-space character (a draw that may return the
+  # same letter would leave about 1 in 26 unchanged); p = 0 changes none.
+  text = "abcdefghij klmnop " * 200
+  out = corrupt.substitute_chars(text, 1.0, seed=0)
+  assert all((o != t) == (t != " ") for o, t in zip(out, text, strict=True))
+  assert set(out) <= set(corrupt.LETTERS + " ")
+  assert corrupt.substitute_chars(text, 0.0, seed=0) == text
+
+
 def test_splice_replaces_about_p_of_words():
   out = corrupt.splice_spans(TEXT, "zz " * 100, 0.2, seed=0, span_words=5)
   w = out.split()
@@ -225,14 +236,81 @@ def test_corrupt_responses_is_a_derangement_of_chosen():
   assert mask.sum() == 20 and sorted(out) == sorted(r)
 
 
+_DOCS = [
+  f"doc {i} " + " ".join(f"w{j}" for j in range(i, i + 30)) for i in range(40)
+]
+# Every seeded corruption, as seed -> a hashable output (arrays as bytes).
+SEEDED = {
+  "shuffle_words": lambda s: corrupt.shuffle_words(TEXT, s),
+  "substitute_chars": lambda s: corrupt.substitute_chars(TEXT, 0.2, s),
+  "splice_spans": lambda s: corrupt.splice_spans(TEXT, "zz yy " * 50, 0.2, s),
+  "random_letters": lambda s: corrupt.random_letters(TEXT, s),
+  **{
+    f"corrupt_texts[{kind}]": lambda s, kind=kind: repr(
+      corrupt.corrupt_texts(_DOCS, kind, 0.5, s, donors=["zz yy xx"] * 3)
+    )
+    for kind in corrupt.TEXT_KINDS
+  },
+  "corrupt_labels": lambda s: repr(
+    corrupt.corrupt_labels(np.arange(200) % 5, 0.3, 5, s)
+  ),
+  "corrupt_responses": lambda s: repr(
+    corrupt.corrupt_responses([f"answer {i}" for i in range(40)], 0.5, s)
+  ),
+  "permute_pixels": lambda s: corrupt.permute_pixels(
+    np.arange(3 * 8 * 8).reshape(3, 8, 8), s
+  ).tobytes(),
+  "gaussian_noise": lambda s: corrupt.gaussian_noise(
+    np.zeros(100), 1.0, s
+  ).tobytes(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_every_corruption_depends_on_its_seed_and_is_reproducible(name):
+  fn = SEEDED[name]
+  seeds = [0, 1, 2, 12345]
+  outs = [fn(s) for s in seeds]
+  assert len(set(outs)) == len(seeds), f"{name} gave equal outputs for seeds"
+  assert [fn(s) for s in seeds] == outs, f"{name} is not reproducible"
+  # A Generator is the same stream as its int seed, and it is consumed:
+  # two calls with one Generator draw different corruptions.
+  rng = np.random.default_rng(2)
+  assert fn(rng) == outs[2]
+  assert fn(rng) != outs[2], f"{name} restarts a Generator it is given"
+
+
+def test_corrupt_texts_draws_each_document_independently():
+  # One call corrupts many documents from one stream: identical inputs must
+  # not all get the identical corruption.
+  docs = [TEXT[:400]] * 12
+  for kind in corrupt.TEXT_KINDS:
+    out, mask = corrupt.corrupt_texts(
+      docs, kind, 1.0, seed=0, donors=[TEXT[400:1200], TEXT[1200:]]
+    )
+    assert mask.all()
+    assert len(set(out)) == len(docs), kind
+
+
 def test_image_corruptions():
   x = np.arange(2 * 8 * 8).reshape(2, 8, 8)
   p = corrupt.permute_pixels(x, 0)
   assert np.array_equal(
     np.sort(p.reshape(2, -1), 1), np.sort(x.reshape(2, -1), 1)
   )
+  # One permutation for every image (image 0 holds 0..63, so it spells the
+  # permutation out), and not the identity.
+  perm_P = p[0].reshape(-1)
+  assert not np.array_equal(perm_P, np.arange(64))
+  np.testing.assert_array_equal(p[1].reshape(-1), x[1].reshape(-1)[perm_P])
   g = corrupt.gaussian_noise(np.zeros((2000,)), 2.0, 0)
-  assert abs(g.std() - 2.0) < 0.15
+  assert g.dtype == np.float32
+  # 2000 draws: the standard errors of mean and std are 0.045 and 0.032.
+  assert abs(g.mean()) < 0.2 and abs(g.std() - 2.0) < 0.15
+  c = corrupt.gaussian_noise(np.zeros((2000,)), 2.0, 0, clip=(-1.0, 1.0))
+  np.testing.assert_array_equal(c, np.clip(g, -1.0, 1.0))
+  with pytest.raises(ValueError, match="sigma = -1"):
+    corrupt.gaussian_noise(np.zeros(3), -1, 0)
 
 
 # ----------------------------------------------------------------- digits --
@@ -304,10 +382,13 @@ def _real_root():
   root = fetch.data_dir()
   man = root / "dw_text_domains" / "1.0.0" / "dw_manifest.json"
   if not man.exists():
-    pytest.skip(
+    why = (
       f"real data not prepared in {root}; run `dataweights data prepare` "
-      "(CI does) to enable this test"
+      "(make test does) to enable this test"
     )
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(why)
+    pytest.skip(why)
   return root
 
 

@@ -187,7 +187,7 @@ def test_trainer_checks_host_batches_before_the_device():
   batch = {"tokens_BxL": tokens, "mask_BxL": np.ones((2, 8), bool)}
   with pytest.raises(
     ids.TokenIdError,
-    match=r"batch\['tokens_BxL'\] holds token id 258 at position \[1, 7\].*"
+    match=r"batch 'train': 'tokens_BxL' holds token id 258 at position \[1, 7\].*"
     r"vocab_size = 256",
   ):
     trainer.put_batch(batch)

@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from dataweights.configs import lm
 from dataweights.configs.base import ConfigError
-from dataweights.data import pipeline
+from dataweights.data import builders, pipeline
 from dataweights.data import tokenize as tok
 from dataweights.data.mixture import MixtureSampler
 from dataweights.data.pipeline import (
@@ -137,7 +139,6 @@ def test_pipeline_config_presets_and_errors():
   for profile in ("smoke", "book", "paper"):
     cfg = pipeline.pipeline(profile)
     assert cfg.generic_batch_size == cfg.batch_size * cfg.downsampling
-  lm = pytest.importorskip("dataweights.configs.lm")
   for profile in ("smoke", "book", "paper"):
     # The step reads tokens[:, :-1]: rows are one longer than the context.
     assert (
@@ -149,9 +150,6 @@ def test_pipeline_config_presets_and_errors():
     pipeline.pipeline("smoke", seq_len=1)
   with pytest.raises(ConfigError, match="unknown profile 'big'"):
     pipeline.pipeline("big")
-
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 def test_mock_tfds_text_and_image_sets_feed_the_sampler_offline():
@@ -199,7 +197,6 @@ def test_unknown_tfds_name_raises_with_close_matches():
 def test_prepared_domains_reads_the_builders_split(monkeypatch):
   # The project's builders, faked in memory: the glue is what is tested here
   # (tests of the builders themselves live with them).
-  builders = pytest.importorskip("dataweights.data.builders")
   names = ("fiction", "news", "code")
   records = [
     {"text": f"t{i}".encode(), "domain": np.int64(i % 3)} for i in range(11)

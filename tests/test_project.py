@@ -19,7 +19,8 @@ def _name(req: str) -> str:
 
 def _pyproject_deps() -> list[str]:
   proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-  return proj["dependencies"] + proj["optional-dependencies"]["test"]
+  extras = proj["optional-dependencies"]
+  return proj["dependencies"] + [r for reqs in extras.values() for r in reqs]
 
 
 def test_environment_yml_lists_the_pyproject_dependencies():
@@ -28,7 +29,7 @@ def test_environment_yml_lists_the_pyproject_dependencies():
   env_reqs = sorted(r for r in pip if not r.startswith("-e"))
   assert env_reqs == sorted(_pyproject_deps()), (
     "environment.yml and pyproject.toml disagree; keep the pip list equal to "
-    "[project.dependencies] + [project.optional-dependencies].test"
+    "[project.dependencies] + every [project.optional-dependencies] list"
   )
   assert any(str(d).startswith("python>=3.12") for d in env["dependencies"])
 
@@ -90,3 +91,35 @@ def test_actionlint_catches_a_broken_workflow(tmp_path):
   f.write_text(bad)
   proc = _actionlint(f)
   assert proc.returncode == 1 and '"os" is not defined' in proc.stdout, proc.stdout
+
+
+def test_importorskip_is_only_for_optional_packages():
+  # A broken import of the project or of a hard dependency must fail the
+  # suite; pytest.importorskip would turn it into a quiet skip.
+  import importlib.metadata
+
+  proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  hard = {_name(r) for r in proj["dependencies"]}
+  owners = importlib.metadata.packages_distributions()  # import -> dists
+
+  def is_hard(module: str) -> bool:
+    top = module.split(".")[0]
+    return top == "dataweights" or bool(
+      {_name(d) for d in owners.get(top, [])} & hard
+    )
+
+  # The mapping works (else the check below would pass vacuously).
+  assert is_hard("tensorflow_datasets") and is_hard("flax.nnx")
+  assert is_hard("dataweights.configs.lm") and not is_hard("hypothesis_x")
+  bad = [
+    f"{path.relative_to(ROOT)}: importorskip({m.group(1)!r})"
+    for path in sorted((ROOT / "tests").rglob("*.py"))
+    for m in re.finditer(
+      r"importorskip\(\s*['\"]([\w.]+)['\"]", path.read_text()
+    )
+    if is_hard(m.group(1))
+  ]
+  assert not bad, (
+    f"{bad}: import the project's modules and hard dependencies plainly; "
+    "importorskip is for optional packages only"
+  )

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataweights.configs import data, lm, mixing, train
+from dataweights.configs import data, lm, mixing, run, train
 from dataweights.configs.base import PROFILES, ConfigError
 from dataweights.data import pipeline
 from props import anything, conforms, examples, value_for
@@ -38,6 +38,11 @@ FACTORIES = {
     mixing.HorizonMinibatchConfig,
   ),
   "horizon_scaling": (mixing.horizon_scaling, mixing.HorizonScalingConfig),
+  "minibatch_scaling": (
+    mixing.minibatch_scaling,
+    mixing.MinibatchScalingConfig,
+  ),
+  "adaptive_horizon": (mixing.adaptive_horizon, mixing.AdaptiveHorizonConfig),
   "adult_mixing": (mixing.adult_mixing, mixing.AdultMixingConfig),
 }
 
@@ -113,7 +118,7 @@ def test_unknown_profiles_and_fields_are_named(name, profile, field, value):
   if profile not in PROFILES:
     with pytest.raises(ConfigError, match="profile"):
       factory(profile)
-  if field not in {f.name for f in dataclasses.fields(cls)}:
+  if field not in {f.name for f in dataclasses.fields(cls)} | {"profile"}:
     with pytest.raises(ConfigError, match="unknown field"):
       factory("smoke", **{field: value})
 
@@ -125,3 +130,35 @@ def test_presets_conform():
       cfg = factory(profile)
       for k, ann in _fields(cls).items():
         assert conforms(getattr(cfg, k), ann), (cls.__name__, profile, k)
+
+
+PARTS = {
+  "model": lm.ModelConfig,
+  "pipeline": pipeline.PipelineConfig,
+  "train": train.TrainConfig,
+  "mesh": lm.MeshConfig,
+}
+
+
+@examples(60)
+@given(data=st.data())
+def test_run_config_validates_or_names_the_field(data):
+  """The composed run config: per-part overrides, cross-part rules."""
+  overrides: dict[str, dict] = {}
+  for _ in range(data.draw(st.integers(1, 3))):
+    part = data.draw(st.sampled_from(sorted(PARTS)))
+    cls = PARTS[part]
+    field = data.draw(st.sampled_from(sorted(_fields(cls))))
+    value = data.draw(value_for(_fields(cls)[field], _defaults(cls)[field]))
+    overrides.setdefault(part, {})[field] = value
+  profile = data.draw(st.sampled_from(PROFILES))
+  try:
+    cfg = run.run(profile, **overrides)
+  except ConfigError as e:
+    named = [f for fields in overrides.values() for f in fields]
+    assert any(f in str(e) for f in named), f"names none of {named}: {e}"
+    return
+  for part, cls in PARTS.items():
+    sub = getattr(cfg, part)
+    for k, ann in _fields(cls).items():
+      assert conforms(getattr(sub, k), ann), (part, k, getattr(sub, k))

@@ -96,3 +96,35 @@ def test_png_bytes_are_reproducible(tmp_path):
 
   a, b = render(tmp_path / "a"), render(tmp_path / "b")
   assert a.read_bytes() == b.read_bytes()
+
+
+# --- the composed run config ---------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["smoke", "book", "paper"])
+def test_run_presets_agree(profile):
+  from dataweights.configs import run
+
+  cfg = run.run(profile)
+  assert cfg.pipeline.seq_len == cfg.model.max_len + 1
+  assert cfg.pipeline.batch_size == cfg.train.batch_size
+  assert cfg.to_dict()["train"]["batch_size"] == cfg.train.batch_size
+
+
+def test_run_config_rules_name_the_fields():
+  from dataweights.configs import run
+
+  with pytest.raises(ConfigError, match=r"pipeline.seq_len = 50 does not fit model.max_len = 32.*33"):
+    run.run("smoke", pipeline=dict(seq_len=50))
+  with pytest.raises(ConfigError, match=r"pipeline.batch_size = 8 and train.batch_size = 4 differ"):
+    run.run("smoke", pipeline=dict(batch_size=8))
+  with pytest.raises(ConfigError, match=r"train.microbatch_size = 4 does not split over .* data x fsdp = 8"):
+    run.run("smoke", mesh=dict(data=8))
+  with pytest.raises(ConfigError, match=r"model.num_heads = 4 does not split over the tensor axis model = 8"):
+    run.run("smoke", train=dict(batch_size=8), mesh=dict(data=1, model=8))
+  with pytest.raises(ConfigError, match="unknown field"):
+    run.run("smoke", model=dict(layers=3))
+  cfg = run.run("book", mesh=dict(data=-1))
+  assert cfg.check_devices(8) == {"data": 8, "fsdp": 1, "model": 1}
+  with pytest.raises(ConfigError, match=r"train.microbatch_size = 16 does not split .* = 3"):
+    cfg.check_devices(3)

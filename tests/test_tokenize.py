@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from dataweights.configs import lm
 from dataweights.data import tokenize as tok
 
 
@@ -37,7 +38,6 @@ def test_special_ids_are_distinct_from_bytes_and_fit_the_model_vocab():
   specials = [tok.PAD_ID, tok.BOS_ID, tok.EOS_ID]
   assert len(set(specials)) == 3
   assert all(tok.NUM_BYTES <= s < tok.VOCAB_SIZE for s in specials)
-  lm = pytest.importorskip("dataweights.configs.lm")
   assert tok.VOCAB_SIZE == lm.BYTE_VOCAB_SIZE
 
 

@@ -27,23 +27,7 @@ B, L, K = 4, 9, 3
 NAMES = ["web", "code", "noise"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """A persistent XLA cache: the loop tests build several trainers with the
-  same config (as a resumed process would); XLA compiles are deterministic,
-  so a cache hit only saves the 5-15 s compile of an identical program."""
-  keys = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0)
-  jax.config.update(keys[2], 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 class ToyRegressor(nnx.Module):
@@ -189,7 +173,8 @@ def test_config_errors_are_clear():
     tiny_train_cfg(batch_size=4, accumulation_steps=3)
   with pytest.raises(ConfigError, match="weight_decay.*adam"):
     tiny_train_cfg(optimizer="adam", weight_decay=0.1)
-  assert train_configs.train("paper").batch_size == 512
+  assert train_configs.train("paper").batch_size == 128
+  assert train_configs.train("paper", **train_configs.GPT2_124M).batch_size == 512
 
 
 # --- the step ------------------------------------------------------------------
@@ -290,6 +275,76 @@ def test_weighted_objective_and_domain_metrics():
     assert m[f"count/domain/{name}"] == sel.sum()
 
 
+def _direct_objective(scale_D, kernel_Dx1, bias_1, batch, eff_B):
+  """``Σ_b eff_b loss_b / Σ_b eff_b`` for ToyRegressor, written out."""
+  pred_B = (batch["x_BxD"] * scale_D[None, :]) @ kernel_Dx1[:, 0] + bias_1[0]
+  loss_B = (pred_B - batch["y_B"]) ** 2
+  return jnp.sum(eff_B * loss_B) / jnp.sum(eff_B)
+
+
+@pytest.mark.parametrize("acc", [1, 4])
+@pytest.mark.parametrize("domain_weights", [False, True])
+def test_step_gradient_equals_grad_of_the_direct_formula(acc, domain_weights):
+  # Oracle: jax.grad (float64) of the weighted objective written out by
+  # hand, with the effective weights computed in numpy. SGD with lr 1, no
+  # momentum, clipping or decay: the update is exactly minus the gradient.
+  # Non-uniform weights (one zero) with a weight sum far from the batch
+  # size, so dividing by B instead of Σ w would show.
+  cfg = tiny_train_cfg(
+    optimizer="sgd",
+    b1=0.0,
+    batch_size=8,
+    learning_rate=1.0,
+    warmup_steps=0,
+    schedule="constant",
+    weight_decay=0.0,
+    grad_clip=0.0,
+  )
+  w_K = np.array([0.6, 0.3, 0.1])
+  state, static = toy_setup(
+    cfg, {"w_K": jnp.asarray(w_K)} if domain_weights else None
+  )
+  batch = toy_batch(4)
+  batch["weight_B"] = 3.0 * batch["weight_B"].at[2].set(0.0)
+  step = jax.jit(
+    make_train_step(static, loss_fn=toy_loss, accumulation_steps=acc)
+  )
+  new, m = step(state, batch)
+  np_batch = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+  eff_B = np_batch["weight_B"].copy()
+  if domain_weights:
+    d_B = np.asarray(batch["domain_B"])
+    n_K = np.bincount(d_B, minlength=K)
+    eff_B *= w_K[d_B] / n_K[d_B]
+  assert not 0.5 < eff_B.sum() / 8 < 2  # Σ w is far from the batch size
+  p = {
+    k: np.asarray(v, np.float64)
+    for k, v in (
+      ("scale", state.params["scale"][...]),
+      ("kernel", state.params["lin"]["kernel"][...]),
+      ("bias", state.params["lin"]["bias"][...]),
+    )
+  }
+  with jax.enable_x64(True):
+    want = jax.grad(_direct_objective, argnums=(0, 1, 2))(
+      p["scale"], p["kernel"], p["bias"], np_batch, eff_B
+    )
+    want_loss = float(
+      _direct_objective(p["scale"], p["kernel"], p["bias"], np_batch, eff_B)
+    )
+  got = (
+    p["scale"] - np.asarray(new.params["scale"][...]),
+    p["kernel"] - np.asarray(new.params["lin"]["kernel"][...]),
+    p["bias"] - np.asarray(new.params["lin"]["bias"][...]),
+  )
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, np.asarray(w), rtol=1e-5, atol=1e-6)
+  want_norm = np.sqrt(sum(np.sum(np.asarray(w) ** 2) for w in want))
+  np.testing.assert_allclose(m["grad_norm"], want_norm, rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], want_loss, rtol=1e-5)
+  np.testing.assert_allclose(m["weight_sum"], eff_B.sum(), rtol=1e-6)
+
+
 def test_domain_weights_without_domain_ids_raise():
   state, static = toy_setup(tiny_train_cfg(), {"w_K": jnp.ones(K) / K})
   batch = toy_batch(0)
@@ -318,6 +373,32 @@ def test_nonfinite_step_is_skipped_inside_the_step():
   batch["weight_B"] = batch["weight_B"].at[1].set(jnp.nan)
   new, m = jax.jit(make_train_step(static, loss_fn=toy_loss))(state, batch)
   assert m["nonfinite"] == 1.0 and np.isnan(m["loss"])
+  assert int(new.step) == 0 and _bitwise_equal(new.params, state.params)
+  assert _bitwise_equal(new.opt_state, state.opt_state)
+
+
+@pytest.mark.parametrize(
+  "kink",
+  [
+    # sqrt at 0: value 0, derivative +inf (scale starts at exactly 1).
+    pytest.param(lambda s: jnp.sqrt(s - 1.0), id="inf_grad"),
+    # sqrt(u²) at 0: value 0, derivative inf * 0 = NaN.
+    pytest.param(lambda s: jnp.sqrt((s - 1.0) ** 2), id="nan_grad"),
+  ],
+)
+def test_finite_loss_with_nonfinite_gradient_is_skipped(kink):
+  # The loss stays finite: only a guard that also checks the gradient
+  # catches this step.
+  def loss_fn(model, batch, key):
+    return toy_loss(model, batch, key) + kink(model.scale[...][0])
+
+  state, static = toy_setup(tiny_train_cfg())
+  assert float(state.params["scale"][...][0]) == 1.0
+  new, m = jax.jit(make_train_step(static, loss_fn=loss_fn))(
+    state, toy_batch(2)
+  )
+  assert np.isfinite(m["loss"]) and not np.isfinite(m["grad_norm"])
+  assert m["nonfinite"] == 1.0
   assert int(new.step) == 0 and _bitwise_equal(new.params, state.params)
   assert _bitwise_equal(new.opt_state, state.opt_state)
 
@@ -445,3 +526,40 @@ def test_example_runs_and_resumes(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "resuming from the checkpoint at step 2" in out
   assert "done at step 2" in out
+
+  # A corrupt checkpoint is one clear line naming the remedy, not a traceback.
+  for f in tmp_path.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  assert example.main(args) == 1
+  captured = capsys.readouterr()
+  assert captured.err.startswith("error: ") and "--fresh" in captured.err
+  assert "Traceback" not in captured.err
+  assert example.main([*args, "--fresh"]) == 0
+  assert "done at step 2" in capsys.readouterr().out
+
+
+def test_grouped_optimizer_updates_groups_apart_and_frozen_has_no_state():
+  model = Transformer(tiny_model_cfg(num_layers=2), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  sgd = tiny_train_cfg(optimizer="sgd", b1=0.0, grad_clip=0.0, weight_decay=0.0,
+                       schedule="constant", warmup_steps=0, learning_rate=0.1)
+  adam = tiny_train_cfg(optimizer="adam", weight_decay=0.0, grad_clip=0.0,
+                        schedule="constant", warmup_steps=0, learning_rate=0.01)
+  tx = optim.make_grouped_optimizer(
+    {"embed": sgd, "block/0": optim.FROZEN, "block/1": adam, "head": sgd}
+  )
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
+  upd, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(upd["wte"][...], -0.2, rtol=1e-6)  # sgd: -lr * g
+  np.testing.assert_array_equal(upd["blocks"][0]["mlp"]["fc"]["kernel"][...], 0.0)
+  # adam's first step is -lr * sign(g) (bias-corrected moments, eps tiny)
+  np.testing.assert_allclose(upd["blocks"][1]["mlp"]["fc"]["kernel"][...], -0.01, rtol=1e-5)
+  # The frozen block holds no optimiser state: no array in the state has
+  # its shapes beyond those of the other groups' parameters.
+  n_state = sum(x.size for x in jax.tree.leaves(state) if x.ndim)
+  n_adam = sum(x.size for x in jax.tree.leaves(params["blocks"][1]))
+  assert n_state == 2 * n_adam  # mu and nu of block 1 only
+  with pytest.raises(ValueError, match=r"group\(s\) 'head' have no optimiser"):
+    optim.make_grouped_optimizer({"embed": sgd, "block/0": sgd, "block/1": sgd}).init(params)

@@ -4,7 +4,7 @@
 # being runnable, so every candidate is actually executed.
 set -u
 for cand in "${PYTHON:-}" python3.14 python3.13 python3.12 \
-    "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3 python3 python; do
+    "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 python3 python; do
   [ -n "$cand" ] || continue
   p=$(command -v "$cand" 2>/dev/null) || continue
   if "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' \

@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
 # The whole test suite (what `make test` and CI run). Assumes `make setup data`.
+#
+# Each chapter is executed exactly once (nbval, book profile). That run writes
+# its results to _build/ci-results/<chapter>/, and the drift guard compares
+# them with the published ones; the browser tests then open the built book.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export JAX_PLATFORMS=cpu MPLBACKEND=Agg PYTHONHASHSEED=0
+FRESH=_build/ci-results
 t0=$SECONDS
 step() { printf '\n=== %s (elapsed %ss) ===\n' "$1" $((SECONDS - t0)); }
 
-step "unit tests and drift guard (numbers + pixels)"
-$PY -m pytest tests -q -p no:cacheprovider --durations=15
+step "unit tests"
+$PY -m pytest tests -q -p no:cacheprovider --durations=15 -m "not chapters and not browser"
 
 step "sharding tests on 8 fake CPU devices (own process)"
 DATAWEIGHTS_SHARDING_RUN=1 $PY -m pytest tests/sharding -q -p no:cacheprovider
 
-step "nbval: re-execute every chapter, compare tagged cells"
-$PY -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+step "nbval: execute every chapter once (book profile), compare tagged cells"
+rm -rf "$FRESH"
+mkdir -p "$FRESH"
+DATAWEIGHTS_RESULTS_DIR="$PWD/$FRESH" $PY -m pytest -q -p no:cacheprovider \
+  --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
   --nbval-sanitize-with tests/nbval_sanitize.cfg book/*.ipynb
 
-step "strict book build (warnings are errors)"
-$PY -m dataweights build
+step "drift guard: that run's results against the published ones"
+DATAWEIGHTS_RESULTS_DIR="$PWD/$FRESH" $PY -m pytest tests/test_published.py -q \
+  -p no:cacheprovider -m chapters
+
+step "strict book build (warnings are errors, maths served offline)"
+DATAWEIGHTS_REQUIRE_OFFLINE_MATHJAX=1 $PY -m dataweights build
+
+step "the built book in headless Chromium (screenshots in _build/screenshots/)"
+$PY -m pytest tests/test_browser.py -q -p no:cacheprovider -m browser
 
 step "done"

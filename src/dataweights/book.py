@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dataweights import results
 from dataweights.configs.base import check_profile
 
 PUBLISHED_PROFILE = "book"
@@ -38,8 +39,29 @@ class ChapterError(RuntimeError):
   """A chapter failed to execute; published outputs were left untouched."""
 
 
+class UnknownChapterError(ChapterError):
+  """A name that is not a chapter of ``_toc.yml`` (a usage error)."""
+
+
+class ChapterInterrupted(ChapterError):
+  """A chapter run was interrupted (Ctrl-C); published outputs are untouched."""
+
+
 class BuildError(RuntimeError):
   """The strict Jupyter Book build failed."""
+
+
+def _runner_modules():
+  """papermill and nbformat, or a clear error naming the extra to install."""
+  try:
+    import nbformat
+    import papermill
+  except ImportError as e:
+    raise ChapterError(
+      f"running chapters needs the book extra ({e.name} is missing): "
+      "pip install 'dataweights[book]'"
+    ) from None
+  return nbformat, papermill
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -86,6 +108,51 @@ def chapters(root: Path | None = None) -> list[str]:
   return out
 
 
+def resolve_chapters(names: Sequence[str], root: Path | None = None) -> list[str]:
+  """Chapter stems for ``names``; every name is checked before any runs.
+
+  A chapter may be named by its stem (``ch1_mixing``), its notebook
+  (``ch1_mixing.ipynb``) or its path (``book/ch1_mixing.ipynb``).
+
+  Raises:
+    ChapterError: some names are not chapters in ``_toc.yml`` (all listed).
+  """
+  root = root or repo_root()
+  known = chapters(root)
+  out, bad = [], []
+  for name in names:
+    stem = Path(str(name)).name.removesuffix(".ipynb")
+    parent = Path(str(name)).parent
+    if stem in known and parent in (Path("."), Path("book")):
+      out.append(stem)
+    else:
+      bad.append(str(name))
+  if bad:
+    raise UnknownChapterError(
+      f"unknown chapter{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}; "
+      f"chapters in _toc.yml: {', '.join(known)}"
+    )
+  return out
+
+
+def _check_writable(directory: Path, what: str) -> None:
+  """Fails early (before executing anything) if ``directory`` cannot take files."""
+  for d in (directory, *directory.parents):
+    if d.exists():
+      break
+  if not d.is_dir():
+    raise ChapterError(f"{what}: {d} is not a directory; move it away or choose another folder")
+  if d == directory:
+    try:
+      tempfile.NamedTemporaryFile(dir=directory).close()
+    except OSError as e:
+      raise ChapterError(f"{what}: cannot write in {directory} ({e.strerror}); "
+                         "fix its permissions or choose another folder") from None
+  elif not os.access(d, os.W_OK | os.X_OK):
+    raise ChapterError(f"{what}: cannot create {directory} under {d} (not writable); "
+                       "fix its permissions or choose another folder")
+
+
 @dataclasses.dataclass(frozen=True)
 class ChapterRun:
   chapter: str
@@ -99,7 +166,13 @@ def _check_parameters(src: Path) -> None:
   """Every chapter must take ``profile`` and ``results_dir`` as parameters."""
   import nbformat
 
-  nb = nbformat.read(src, as_version=4)
+  try:
+    nb = nbformat.read(src, as_version=4)
+  except Exception as e:  # JSON errors, truncated files, schema errors
+    raise ChapterError(
+      f"{src} is not a readable notebook ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+      f"restore it, e.g. `git checkout -- {src.relative_to(src.parents[1])}`"
+    ) from None
   cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
   if len(cells) != 1:
     raise ChapterError(f"{src.name} needs exactly one cell tagged 'parameters' (found {len(cells)})")
@@ -132,22 +205,41 @@ def _clean_notebook(nb, profile: str) -> None:
   nb.metadata.pop("papermill", None)  # per-run timestamps and paths
 
 
-def _swap_dir(new: Path, dest: Path) -> None:
-  """Replaces ``dest`` by ``new`` so that a crash never leaves a mix of both."""
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  backup = dest.with_name(f".{dest.name}.old")
-  if backup.exists():
-    shutil.rmtree(backup)
-  if dest.exists():
-    os.replace(dest, backup)
+def _publish(tmp_nb: Path, tmp_results: Path, dest_nb: Path, dest_results: Path) -> None:
+  """Puts the new notebook and results in place together, or neither.
+
+  Both are first staged next to their destinations (same file system, so
+  the final renames are atomic); a failure while staging changes nothing
+  published. The old results are kept aside until the new notebook is in
+  place, and put back if anything fails.
+  """
+  dest_results.parent.mkdir(parents=True, exist_ok=True)
+  staged_nb = dest_nb.with_name(f".{dest_nb.name}.new")
+  staged_results = dest_results.with_name(f".{dest_results.name}.new")
+  backup = dest_results.with_name(f".{dest_results.name}.old")
+  for leftover in (staged_results, backup):
+    if leftover.exists():
+      shutil.rmtree(leftover)
+  moved_old = moved_new = False
   try:
-    os.replace(new, dest)
+    shutil.copyfile(tmp_nb, staged_nb)
+    os.chmod(staged_nb, results.file_mode())
+    shutil.copytree(tmp_results, staged_results)
+    if dest_results.exists():
+      os.replace(dest_results, backup)
+      moved_old = True
+    os.replace(staged_results, dest_results)
+    moved_new = True
+    os.replace(staged_nb, dest_nb)
   except BaseException:
-    if backup.exists():
-      os.replace(backup, dest)
+    if moved_new:
+      shutil.rmtree(dest_results, ignore_errors=True)
+    if moved_old:
+      os.replace(backup, dest_results)
+    staged_nb.unlink(missing_ok=True)
+    shutil.rmtree(staged_results, ignore_errors=True)
     raise
-  if backup.exists():
-    shutil.rmtree(backup)
+  shutil.rmtree(backup, ignore_errors=True)
 
 
 def run_chapter(
@@ -176,14 +268,10 @@ def run_chapter(
   Raises:
     ChapterError: the chapter failed; nothing published was changed.
   """
-  import nbformat
-  import papermill as pm
-
   check_profile(profile)
+  nbformat, pm = _runner_modules()
   root = root or repo_root()
-  known = chapters(root)
-  if chapter not in known:
-    raise ChapterError(f"unknown chapter {chapter!r}; chapters in _toc.yml: {', '.join(known)}")
+  (chapter,) = resolve_chapters([chapter], root)
   book_dir = root / "book"
   src = book_dir / f"{chapter}.ipynb"
   if out_dir is None:
@@ -193,7 +281,17 @@ def run_chapter(
   dest_results = out_dir / "results" / chapter
 
   _check_parameters(src)
+  # Everything that will be written is checked before anything runs.
+  _check_writable(out_dir, "cannot publish the chapter")
+  if dest_nb.exists() and not os.access(dest_nb, os.W_OK):
+    raise ChapterError(f"cannot publish the chapter: {dest_nb} is not writable; fix its permissions")
+  if dest_nb.exists() and not dest_nb.is_file():
+    raise ChapterError(f"cannot publish the chapter: {dest_nb} is not a file; move it away")
+  _check_writable(dest_results.parent, "cannot publish the chapter's results")
+  if dest_results.exists() and not dest_results.is_dir():
+    raise ChapterError(f"cannot publish the chapter's results: {dest_results} is not a directory; move it away")
   scratch_parent = root / "_build" / "scratch"
+  _check_writable(scratch_parent, "no scratch space for the run")
   scratch_parent.mkdir(parents=True, exist_ok=True)
   scratch = Path(tempfile.mkdtemp(prefix=f"{chapter}.", dir=scratch_parent))
   tmp_nb = scratch / f"{chapter}.ipynb"
@@ -202,35 +300,44 @@ def run_chapter(
   log(f"[dataweights] running {chapter} (profile={profile}) ...")
   t0 = time.perf_counter()
   try:
-    pm.execute_notebook(
-      str(src), str(tmp_nb),
-      parameters={"profile": profile, "results_dir": str(tmp_results)},
-      kernel_name="python3", cwd=str(book_dir), progress_bar=progress,
-    )
-  except Exception as e:  # papermill raises PapermillExecutionError and others
-    failed = root / "_build" / "failed"
-    failed.mkdir(parents=True, exist_ok=True)
-    kept = failed / f"{chapter}.{profile}.ipynb"
-    if tmp_nb.exists():
-      shutil.copyfile(tmp_nb, kept)
+    try:
+      pm.execute_notebook(
+        str(src), str(tmp_nb),
+        parameters={"profile": profile, "results_dir": str(tmp_results)},
+        kernel_name="python3", cwd=str(book_dir), progress_bar=progress,
+      )
+    except KeyboardInterrupt:
+      raise ChapterInterrupted(
+        f"chapter {chapter!r} interrupted after {time.perf_counter() - t0:.0f} s; "
+        f"published outputs in {out_dir} were left untouched (run it again to redo it)"
+      ) from None
+    except Exception as e:  # papermill raises PapermillExecutionError and others
+      failed = root / "_build" / "failed"
+      failed.mkdir(parents=True, exist_ok=True)
+      kept = failed / f"{chapter}.{profile}.ipynb"
+      if tmp_nb.exists():
+        shutil.copyfile(tmp_nb, kept)
+      detail = getattr(e, "evalue", None) or str(e).strip().splitlines()[-1:] or [repr(e)]
+      cell = getattr(e, "exec_count", None)
+      where = f" in cell [{cell}]" if cell is not None else ""
+      raise ChapterError(
+        f"chapter {chapter!r} failed{where} after {time.perf_counter() - t0:.0f} s: "
+        f"{getattr(e, 'ename', type(e).__name__)}: {detail if isinstance(detail, str) else detail[0]}; "
+        f"published outputs in {out_dir} were left untouched; the failed notebook is {kept}"
+      ) from e
+    wall = time.perf_counter() - t0
+    nb = nbformat.read(tmp_nb, as_version=4)
+    _clean_notebook(nb, profile)
+    nbformat.write(nb, tmp_nb)
+    try:
+      _publish(tmp_nb, tmp_results, dest_nb, dest_results)
+    except OSError as e:
+      raise ChapterError(
+        f"chapter {chapter!r} ran, but publishing it failed ({e}); "
+        f"the published notebook and results in {out_dir} were left as they were"
+      ) from e
+  finally:
     shutil.rmtree(scratch, ignore_errors=True)
-    detail = getattr(e, "evalue", None) or str(e).strip().splitlines()[-1:] or [repr(e)]
-    cell = getattr(e, "exec_count", None)
-    where = f" in cell [{cell}]" if cell is not None else ""
-    raise ChapterError(
-      f"chapter {chapter!r} failed{where} after {time.perf_counter() - t0:.0f} s: "
-      f"{getattr(e, 'ename', type(e).__name__)}: {detail if isinstance(detail, str) else detail[0]}\n"
-      f"  published outputs in {out_dir} were left untouched; the failed notebook is {kept}"
-    ) from e
-  wall = time.perf_counter() - t0
-
-  nb = nbformat.read(tmp_nb, as_version=4)
-  _clean_notebook(nb, profile)
-  nbformat.write(nb, tmp_nb)
-  _swap_dir(tmp_results, dest_results)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  os.replace(tmp_nb, dest_nb)
-  shutil.rmtree(scratch, ignore_errors=True)
   log(f"[dataweights] {chapter}: done in {wall:.0f} s -> {dest_nb.relative_to(root) if dest_nb.is_relative_to(root) else dest_nb}")
   return ChapterRun(chapter, profile, dest_nb, dest_results, wall)
 
@@ -248,7 +355,7 @@ def run_chapters(
   Chapters that ran before a failure stay published (each is atomic).
   """
   root = root or repo_root()
-  names = list(names) if names else chapters(root)
+  names = resolve_chapters(names, root) if names else chapters(root)
   runs = []
   t0 = time.perf_counter()
   for i, name in enumerate(names, 1):

@@ -15,8 +15,9 @@ Saves are atomic (orbax writes a temporary directory and renames it when
 complete) and keep the last ``keep`` steps. Restore never falls back
 silently: a missing, truncated or incompatible checkpoint (other tree,
 shapes, dtypes or config) raises :class:`CheckpointError` saying what
-differs. The checksum is the wrapping uint32 sum of each leaf's bits and of
-its bits times their position, which is exact and independent of sharding.
+differs. Each leaf's checksum is two wrapping uint32 sums of a hash of
+every element's bits keyed by its position (see :func:`tree_checksums`):
+exact, position-sensitive and independent of sharding.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 1
+# 2: position-keyed hashed checksums (1 summed raw bits, blind to swaps).
+FORMAT_VERSION = 2
 _STATE, _HOST = "state", "host"
 
 
@@ -74,6 +76,15 @@ def tree_layout(tree: Any) -> dict[str, list]:
   }
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes bits."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
 @jax.jit
 def _leaf_checksums(leaves):
   out = []
@@ -87,19 +98,33 @@ def _leaf_checksums(leaves):
       bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
     elif x.dtype.itemsize == 1:
       bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
-    else:  # 8-byte types (x64 mode): fold the two halves
+    else:  # 8-byte types (x64 mode): hash the high half into the low one
       halves = jax.lax.bitcast_convert_type(x, jnp.uint32)
-      bits = halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B1))
-    pos = jnp.arange(1, bits.shape[0] + 1, dtype=jnp.uint32)
-    out.append(jnp.stack([jnp.sum(bits), jnp.sum(bits * pos)]))
+      bits = halves[..., 0] ^ _fmix32(halves[..., 1] + jnp.uint32(0x6A09E667))
+    pos = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+    key = _fmix32(pos * jnp.uint32(0x9E3779B9) + jnp.uint32(0x7F4A7C15))
+    h1 = _fmix32(bits ^ key)
+    h2 = _fmix32(h1 + jnp.uint32(0x3C6EF372))
+    # dtype: with x64 on, jnp.sum would widen uint32 to uint64 (no wrap).
+    u32 = jnp.uint32
+    out.append(jnp.stack([jnp.sum(h1, dtype=u32), jnp.sum(h2, dtype=u32)]))
   return out
 
 
 def tree_checksums(tree: Any) -> dict[str, list[int]]:
-  """Bit-exact checksums ``{path: [sum(bits), sum(bits * position)]}``.
+  """Bit-exact, position-sensitive checksums ``{path: [s1, s2]}`` per leaf.
 
-  Sums wrap modulo 2**32; integer sums are associative, so the result does
-  not depend on how the leaves are sharded.
+  Element ``i`` of a flattened leaf with bit pattern ``b_i`` contributes
+  ``h_i = fmix32(b_i XOR key_i)`` to ``s1`` and ``fmix32(h_i + c)`` to
+  ``s2``, with ``key_i = fmix32(i * 0x9E3779B9 + 0x7F4A7C15)`` (MurmurHash3's
+  finaliser, a bijection of uint32). Changing, moving or swapping values
+  changes a sum unless the hashes cancel by chance (about 2**-32 per sum),
+  where a plain sum of bits, even weighted by position, misses swaps whose
+  bit and position differences multiply to a multiple of 2**32 (1.0 and
+  0.0 at positions 512 apart). Sums wrap modulo 2**32 and integer addition
+  is associative, so the result does not depend on how the leaves are
+  sharded. Checksums are keyed by the leaf's path: swapped leaves are
+  reported by name.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   sums = jax.device_get(_leaf_checksums([x for _, x in flat]))

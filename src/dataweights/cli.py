@@ -5,6 +5,16 @@
   dataweights build                     strict HTML build (warnings = errors)
   dataweights list                      chapters in _toc.yml order
   dataweights data prepare [...]        build the offline data sets
+
+A chapter is named by its stem, its notebook or its path (``ch1_mixing``,
+``book/ch1_mixing.ipynb``); every name is checked before anything runs.
+
+Exit codes:
+  0    success
+  1    a chapter, the build or the data preparation failed (published
+       outputs are left untouched; the message says what to do)
+  2    usage error: unknown command, chapter, profile or option
+  130  interrupted (Ctrl-C); published outputs are left untouched
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import sys
 import time
 
 from dataweights.configs.base import PROFILES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,9 +60,15 @@ def _prepare_data(args: list[str]) -> int:
   return prepare.main(args)
 
 
+def _error(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI; returns the exit code (see the module docstring)."""
   args = _parser().parse_args(argv)
   from dataweights import book
+  from dataweights.configs.base import ConfigError
 
   t0 = time.perf_counter()
   try:
@@ -59,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "build":
       book.build()
     elif args.cmd == "run":
+      if args.all and args.chapters:
+        _error("name chapters or pass --all, not both")
+        return EXIT_USAGE
       names = book.chapters() if args.all else args.chapters
       if not names:
-        print("error: name at least one chapter or pass --all; chapters: "
-              + ", ".join(book.chapters()), file=sys.stderr)
-        return 2
+        _error("name at least one chapter or pass --all; chapters: " + ", ".join(book.chapters()))
+        return EXIT_USAGE
       book.run_chapters(names, args.profile, progress=not args.no_progress)
     elif args.cmd == "book":
       rc = _prepare_data([])
@@ -75,14 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "data":
       data_args = args.data_args or ["prepare"]
       if data_args[0] != "prepare":
-        print(f"error: unknown data command {data_args[0]!r}; allowed: prepare", file=sys.stderr)
-        return 2
+        _error(f"unknown data command {data_args[0]!r}; allowed: prepare")
+        return EXIT_USAGE
       return _prepare_data(data_args[1:])
-  except (book.ChapterError, book.BuildError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except KeyboardInterrupt:
+    _error("interrupted; published outputs were left untouched")
+    return EXIT_INTERRUPTED
+  except book.ChapterInterrupted as e:
+    _error(str(e))
+    return EXIT_INTERRUPTED
+  except (book.UnknownChapterError, ConfigError) as e:
+    _error(str(e))
+    return EXIT_USAGE
+  except (book.ChapterError, book.BuildError, FileNotFoundError, OSError) as e:
+    _error(str(e))
+    return EXIT_FAILED
   print(f"[dataweights] finished in {time.perf_counter() - t0:.0f} s")
-  return 0
+  return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Run in its own process (the device count is fixed when JAX starts):
   DATAWEIGHTS_SHARDING_RUN=1 python -m pytest tests/sharding -q
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from dataweights.checkpoint import CheckpointManager
 from dataweights.configs import lm
 from dataweights.configs import train as train_configs
 from dataweights.train.loop import Trainer
+from dataweights.train.method import Method
 from dataweights.train.state import abstract_state
 
 # Widths, heads and vocabulary divisible by 8: every mesh below fits.
@@ -30,22 +33,7 @@ MESHES = {
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """Persistent XLA cache: the fresh trainers below compile the same programs
-  as earlier ones (as a resumed process would); compiles are deterministic."""
-  keys = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0)
-  jax.config.update(keys[2], 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def batch_fn(step):
@@ -147,3 +135,44 @@ def test_checkpoint_reshards_on_restore(tmp_path):
   assert kernel.addressable_shards[0].data.shape == (32, 64)  # replicated
   for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(src.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradMemory(Method):
+  """A method with a parameter-shaped state (an exponential average of the
+  validation gradient, like SOBA's v or ScaleBiO's second model)."""
+
+  name: str = "grad_memory"
+  batches: tuple[str, ...] = ("valid",)
+
+  def init(self, params, key, num_domains):
+    return {"v": jax.tree.map(jnp.zeros_like, params)}
+
+  def update(self, mstate, ctx, grads, loss_B, batch):
+    _, _, g_val = ctx.grad_fn(ctx.params, ctx.batches["valid"], None)
+    v = jax.tree.map(lambda v, g: 0.5 * v + g, mstate["v"], g_val)
+    return grads, {"v": v}, {}
+
+
+def _valid_fn(step):
+  return batch_fn(10_000 + step)
+
+
+@pytest.mark.parametrize("mesh_name", ["fsdp8"])
+def test_method_state_is_sharded_like_the_parameters(mesh_name):
+  """A parameter-shaped method state lives in the parameters' shards, and
+  the sharded run equals one device (same tolerance as the model's state)."""
+  runs = {}
+  for name in (None, mesh_name):
+    mesh = None if name is None else sharding.make_mesh(MESHES[name])
+    trainer = Trainer(MODEL, _cfg(), mesh=mesh, domain_names=NAMES, method=GradMemory())
+    runs[name] = trainer.run({"train": batch_fn, "valid": _valid_fn})[0]
+  state = runs[mesh_name]
+  v = state.extra["method"]["v"]
+  for p, x in zip(jax.tree.leaves(state.params), jax.tree.leaves(v)):
+    assert x.sharding == p.sharding
+  kernel = v["blocks"][0]["mlp"]["fc"]["kernel"]
+  assert kernel.addressable_shards[0].data.shape == (4, 64)  # 1/8 of D
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(v))
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(runs[None]))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -114,7 +114,7 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
   "book": dict(
     _BASE, max_len=128, num_layers=4, num_heads=4, d_model=128, d_mlp=512
   ),
-  # Grangier et al. reference byte-level LM (papers.md, section 2).
+  # Grangier et al. reference byte-level LM (the book's Sources §2).
   "paper": dict(
     _BASE, max_len=256, num_layers=12, num_heads=8, d_model=256, d_mlp=1024
   ),

@@ -2,7 +2,7 @@
 
 A chapter builds a noisy source from a clean one with a known rate ``p``,
 so a data-selection method can be scored on how well it finds the noise
-(datasets guide, section 7). Every function takes ``seed`` (an int or a
+(the book's Sources, The data). Every function takes ``seed`` (an int or a
 ``np.random.Generator``) and is deterministic given it. Functions over
 collections return the corrupted items and a boolean mask ``corrupted_M``
 of which items were changed.

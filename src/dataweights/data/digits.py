@@ -7,7 +7,7 @@ Sources (pinned, sha256-checked by :mod:`dataweights.data.fetch`):
     (1,797 images of 8x8 with values 0..16, label last; CC BY 4.0). It
     equals ``sklearn.datasets.load_digits()``.
 
-MNIST is mapped onto the UCI grid (datasets guide, section 2) by
+MNIST is mapped onto the UCI grid (as the UCI bitmaps were made; the book's Sources, The data) by
 :func:`mnist_to_uci_grid`: crop to the bounding box of pixels > 30, pad to
 a square, resize bilinearly to 32x32, threshold at > 100, sum 4x4 blocks,
 giving integer values 0..16 like optdigits (whose 32x32 bitmaps were

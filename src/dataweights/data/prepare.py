@@ -96,17 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     for n in DATASETS:
       print(n)
     return 0
+  root = fetch.data_dir(args.data_dir)
+  print(f"[dataweights.data] data folder: {root}", file=sys.stderr)
   try:
     res = prepare(
       args.only,
-      data_dir=args.data_dir,
+      data_dir=root,
       force=args.force,
       progress=not args.quiet,
     )
   except (fetch.FetchError, builders.DataIntegrityError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(json.dumps(res, indent=1, sort_keys=True))
+  except OSError as e:
+    print(
+      f"error: cannot prepare the data in {root}: {e}; choose another folder "
+      "with --data-dir or $DATAWEIGHTS_DATA_DIR",
+      file=sys.stderr,
+    )
+    return 1
+  print(json.dumps({"data_dir": str(root), "datasets": res}, indent=1, sort_keys=True))
   return 0
 
 

@@ -11,14 +11,14 @@ Two families, both with K training domains and one validation target:
   :func:`greedy_quadratic` is the 2-D, 2-domain instance of the chapter.
 * :class:`GaussianDomains`: binary classification with Gaussian class
   clusters per domain, an L2-regularised logistic model (strongly convex,
-  as the theory of papers.md §1 assumes) and minibatch samplers with a
+  as the theory assumes; the book's Sources §1) and minibatch samplers with a
   leading ``T`` axis for :func:`dataweights.methods.mixing.run_mixing`.
 
 Everything here is plain data plus pure functions; the experiments wrap
 them in a ``MixingProblem`` (``data`` does not import ``methods``).
 
 [reconstruction] The paper's own experimental problems are not readable
-(papers.md §1); these instances are ours, designed to exhibit the claims.
+(the book's Sources §1); these instances are ours, designed to exhibit the claims.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def noisy_quadratic_losses(
   ``f_j(θ; ξ) = f_j(θ) + ⟨ξ_j, θ⟩`` with a batch ``{"xi": KxD}`` of
   zero-mean noise: an unbiased gradient ``∇f_j(θ) + ξ_j`` with constant
   variance and the exact Hessian ``A_j`` (the setting of the stochastic
-  theorem, papers.md §1). ``batch=None`` gives the exact losses.
+  theorem; the book's Sources §1). ``batch=None`` gives the exact losses.
   """
   exact, val_loss = quadratic_losses(q, dtype)
 

@@ -5,18 +5,21 @@ Importing this package registers every published result in
 """
 
 from dataweights.experiments import (  # noqa: F401  (imported to register)
+  ch1_adaptive,
   ch1_adult,
   ch1_greedy,
   ch1_horizon_full,
   ch1_horizon_minibatch,
   ch1_hypergrad,
   ch1_scaling,
+  ch1_scaling_minibatch,
 )
 from dataweights.experiments.registry import (
   REGISTRY,
   Published,
+  Result,
   publish,
   register,
 )
 
-__all__ = ["REGISTRY", "Published", "publish", "register"]
+__all__ = ["REGISTRY", "Published", "Result", "publish", "register"]

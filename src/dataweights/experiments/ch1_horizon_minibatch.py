@@ -3,9 +3,11 @@
 Three Gaussian classification domains
 (:func:`dataweights.data.synthetic.classification_domains`), L2-regularised
 logistic regression, per-domain minibatches and a validation minibatch per
-hypergradient. Runs proceed in jitted chunks of ``cfg.chunk`` steps
-(vmapped over seeds) so that every budget in ``cfg.budgets`` is read off
-one run per T. Baselines: uniform and natural (pool-size) weights.
+hypergradient. One :func:`dataweights.methods.mixing.run_mixing_schedule`
+per (T, seed), vmapped, records every budget; all runs of a seed, the
+fixed-weight baselines (uniform and natural pool-size weights) included,
+see the same minibatch at every step (common random numbers). Intervals
+are Student-t intervals of the mean over seeds (ddof = 1).
 """
 
 from __future__ import annotations
@@ -18,103 +20,158 @@ import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
 from dataweights.data import synthetic as syn
+from dataweights.experiments import ch1_tstar as ts
 from dataweights.experiments.ch1_common import fmt_table, r
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel, mixing
 
 
-def _metrics(val_loss, data, params_S):
-  acc = jax.vmap(lambda p: syn.accuracy(p, data["x_val_MxD"], data["y_val_M"]))
-  return np.asarray(jax.vmap(lambda p: val_loss(p, None))(params_S)), np.asarray(acc(params_S))
-
-
 def run(cfg: mixing_configs.HorizonMinibatchConfig) -> dict[str, Any]:
   """Per (N, T): val loss, accuracy and w_2 over seeds; baselines."""
-  key = jax.random.key(0)
-  k_data, k_runs = jax.random.split(key)
+  k_data, k_runs = jax.random.split(jax.random.key(0))
   g = syn.classification_domains(cfg.dim)
   data = syn.make_datasets(g, k_data, cfg.pool_sizes, cfg.n_val)
-  domain_losses, val_loss = syn.logistic_losses(data, cfg.l2)
-  problem = bilevel.MixingProblem(domain_losses, val_loss)
+  problem = bilevel.MixingProblem(*syn.logistic_losses(data, cfg.l2))
   val_batch_fn = syn.val_sampler(data, cfg.val_batch_size)
-  K, S = 3, cfg.seeds
-  params_S = jax.tree.map(lambda x: jnp.broadcast_to(x, (S, *x.shape)),
-                          syn.logistic_params(cfg.dim))
-  seed_keys = jax.random.split(k_runs, S)
-  n_chunks = max(cfg.budgets) // cfg.chunk
+  batch_T1 = syn.minibatch_sampler(data, cfg.batch_size, 1)
 
-  def chunked(step_fn, state):
-    """Runs ``n_chunks`` chunks; returns metrics after each budget."""
-    out = {}
-    for c in range(n_chunks):
-      keys = jax.vmap(lambda k, c=c: jax.random.fold_in(k, c))(seed_keys)
-      state = step_fn(state, keys)
-      N = (c + 1) * cfg.chunk
-      if N in cfg.budgets:
-        loss_S, acc_S = _metrics(val_loss, data, state[0])
-        out[N] = (loss_S, acc_S, np.asarray(state[1]))
-    return out
+  def step_batch_fn(key):
+    return jax.tree.map(lambda x: x[0], batch_T1(key))
 
-  results = {}
-  for T in cfg.horizons:
-    batch_fn = syn.minibatch_sampler(data, cfg.batch_size, T)
+  K = 3
+  params0 = syn.logistic_params(cfg.dim)
+  keys = jax.random.split(k_runs, cfg.seeds)
 
-    def one(p, w, k, batch_fn=batch_fn, T=T):
-      tr = mixing.run_mixing(problem, p, w, lr=cfg.lr, T=T, N=cfg.chunk,
-                             beta=cfg.beta, batch_fn=batch_fn,
-                             val_batch_fn=val_batch_fn, key=k)
-      return tr.params, tr.w_RxK[-1]
+  def metrics(tr):
+    acc = jax.vmap(
+      lambda p: syn.accuracy(p, data["x_val_MxD"], data["y_val_M"])
+    )(tr.params_B)
+    return tr.val_loss_B, acc, tr.w_BxK
 
-    step = jax.jit(jax.vmap(one))
-    w0 = jnp.broadcast_to(mixing.uniform_weights(K), (S, K))
-    results[T] = chunked(lambda st, k, step=step: step(st[0], st[1], k), (params_S, w0))
+  def lane(T0, key):
+    return metrics(
+      mixing.run_mixing_schedule(
+        problem,
+        params0,
+        mixing.uniform_weights(K),
+        lr=cfg.lr,
+        beta=cfg.beta,
+        budgets=cfg.budgets,
+        T0=T0,
+        step_batch_fn=step_batch_fn,
+        val_batch_fn=val_batch_fn,
+        key=key,
+        check_finite=False,
+      )
+    )
 
-  baselines = {}
-  batch_fn = syn.minibatch_sampler(data, cfg.batch_size, cfg.chunk)
-  for name, w_K in (("uniform", mixing.uniform_weights(K)),
-                    ("natural", mixing.natural_weights(cfg.pool_sizes))):
+  def fixed(w0, key):
+    return metrics(
+      mixing.run_mixing_schedule(
+        problem,
+        params0,
+        w0,
+        lr=cfg.lr,
+        beta=cfg.beta,
+        budgets=cfg.budgets,
+        T0=1,
+        step_batch_fn=step_batch_fn,
+        key=key,
+        update_weights=False,
+        check_finite=False,
+      )
+    )
 
-    def fixed(p, k, w_K=w_K):
-      params, _ = mixing.train_fixed(problem, p, w_K, lr=cfg.lr, N=cfg.chunk,
-                                     batch_fn=batch_fn, key=k)
-      return params
+  both = lambda f: jax.jit(
+    jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(None, 0))
+  )  # noqa: E731
+  val, acc, w = (
+    np.asarray(x, np.float64)
+    for x in both(lane)(jnp.asarray(cfg.horizons, jnp.float32), keys)
+  )  # S, T, B (, K)
+  natural = mixing.natural_weights(cfg.pool_sizes)
+  base = [
+    np.asarray(x, np.float64)
+    for x in both(fixed)(jnp.stack([mixing.uniform_weights(K), natural]), keys)
+  ]
+  if not (np.all(np.isfinite(val)) and np.all(np.isfinite(base[0]))):
+    raise FloatingPointError("a minibatch run diverged; lower beta or lr")
 
-    step = jax.jit(jax.vmap(fixed))
-    w_S = jnp.broadcast_to(w_K, (S, K))
-    baselines[name] = chunked(lambda st, k, step=step, w_S=w_S: (step(st[0], k), w_S),
-                              (params_S, w_S))
+  def ci(x_S):
+    m, lo, hi = ts.mean_ci(x_S, cfg.level)
+    return m, lo, hi
 
   per_budget = []
-  for N in cfg.budgets:
-    entry = {"N": N}
-    for field, i in (("val", 0), ("acc", 1)):
-      entry[f"{field}_mean"] = [float(results[T][N][i].mean()) for T in cfg.horizons]
-      entry[f"{field}_std"] = [float(results[T][N][i].std()) for T in cfg.horizons]
-    entry["w2_mean"] = [float(results[T][N][2][:, 1].mean()) for T in cfg.horizons]
-    entry["w2_std"] = [float(results[T][N][2][:, 1].std()) for T in cfg.horizons]
-    entry["w_mean_TxK"] = [results[T][N][2].mean(0) for T in cfg.horizons]
+  for b, N in enumerate(cfg.budgets):
+    entry: dict[str, Any] = {"N": N}
+    for field, arr in (("val", val), ("acc", acc), ("w2", w[..., 1])):
+      stats = [ci(arr[:, i, b]) for i in range(len(cfg.horizons))]
+      entry[f"{field}_mean"] = [s[0] for s in stats]
+      entry[f"{field}_lo"] = [s[1] for s in stats]
+      entry[f"{field}_hi"] = [s[2] for s in stats]
+    entry["w_mean_TxK"] = w[:, :, b].mean(axis=0)
     best = int(np.argmin(entry["val_mean"]))
     entry["best_T"] = cfg.horizons[best]
-    for name in baselines:
-      loss_S, acc_S, _ = baselines[name][N]
-      entry[name] = {"val_mean": float(loss_S.mean()), "val_std": float(loss_S.std()),
-                     "acc_mean": float(acc_S.mean()), "acc_std": float(acc_S.std())}
+    entry["best_minus_T1"] = list(ci(val[:, best, b] - val[:, 0, b]))
+    for name, i in (("uniform", 0), ("natural", 1)):
+      v, a = ci(base[0][:, i, b]), ci(base[1][:, i, b])
+      entry[name] = {
+        "val_mean": v[0],
+        "val_lo": v[1],
+        "val_hi": v[2],
+        "acc_mean": a[0],
+        "acc_lo": a[1],
+        "acc_hi": a[2],
+      }
     per_budget.append(entry)
-  return r({"horizons": list(cfg.horizons), "seeds": S, "budgets": per_budget,
-            "natural_w": np.asarray(mixing.natural_weights(cfg.pool_sizes))})
+  return r(
+    {
+      "horizons": list(cfg.horizons),
+      "seeds": cfg.seeds,
+      "level": cfg.level,
+      "budgets": per_budget,
+      "natural_w": np.asarray(natural),
+    }
+  )
 
 
 def summary(data: dict[str, Any]) -> str:
-  """Per budget: greedy, best T and the baselines (mean over seeds)."""
+  """Per budget: greedy, best T and the baselines, mean with intervals."""
+  pct = int(round(100 * data["level"]))
+  fmt = lambda m, lo, hi: f"{m:.4f} [{lo:.4f}, {hi:.4f}]"  # noqa: E731
   rows = []
   for b in data["budgets"]:
-    i = data["horizons"].index(b["best_T"])
-    j = data["horizons"].index(data["horizons"][0])
-    rows.append([b["N"], f"T={data['horizons'][j]}", b["val_mean"][j], b["acc_mean"][j], b["w2_mean"][j]])
-    rows.append([b["N"], f"T={b['best_T']} (best)", b["val_mean"][i], b["acc_mean"][i], b["w2_mean"][i]])
+    for label, i in (
+      ("T=1", 0),
+      (f"T={b['best_T']} (best)", data["horizons"].index(b["best_T"])),
+    ):
+      rows.append(
+        [
+          b["N"],
+          label,
+          fmt(b["val_mean"][i], b["val_lo"][i], b["val_hi"][i]),
+          f"{b['acc_mean'][i]:.3f}",
+          f"{b['w2_mean'][i]:.3f}",
+        ]
+      )
     for name in ("uniform", "natural"):
-      rows.append([b["N"], name, b[name]["val_mean"], b[name]["acc_mean"], "-"])
-  return fmt_table(["N", "method", "val loss", "val acc", "w_2"], rows)
+      e = b[name]
+      rows.append(
+        [
+          b["N"],
+          name,
+          fmt(e["val_mean"], e["val_lo"], e["val_hi"]),
+          f"{e['acc_mean']:.3f}",
+          "-",
+        ]
+      )
+  out = fmt_table(
+    ["N", "method", f"val loss ({pct}% CI)", "val acc", "w_2"], rows
+  )
+  for b in data["budgets"]:
+    m, lo, hi = b["best_minus_T1"]
+    out += f"\nN={b['N']}: best T minus T=1 (paired): {m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+  return out
 
 
 def _plot(data):
@@ -123,10 +180,12 @@ def _plot(data):
   return plots.plot_horizon_minibatch(data)
 
 
-register(Published(
-  name="ch1_horizon_minibatch",
-  chapter="ch1_mixing",
-  run=run,
-  make_config=mixing_configs.HorizonMinibatchConfig,
-  plot=_plot,
-))
+register(
+  Published(
+    name="ch1_horizon_minibatch",
+    chapter="ch1_mixing",
+    run=run,
+    make_config=mixing_configs.HorizonMinibatchConfig,
+    plot=_plot,
+  )
+)

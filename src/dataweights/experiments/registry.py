@@ -1,9 +1,10 @@
 """The list of published figures/tables: how to recompute and re-plot each.
 
 The drift guard (``tests/test_published.py``) iterates over this registry:
-for every entry whose chapter has published results it recomputes the data
-under the config stored in the published JSON and compares numbers within
-``rtol``/``atol``, and re-renders the PNG from the published data.
+CI executes every chapter once (nbval) with ``$DATAWEIGHTS_RESULTS_DIR``
+set, and the guard compares each fresh result with the published JSON
+within ``rtol``/``atol`` and the fresh PNG with the published one; it also
+re-renders every published PNG from its published data.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class Published:
     rtol, atol: tolerances for the recomputation check; document why in
       ``note`` when they are not the defaults.
     note: why the tolerance is what it is.
+    config: ``config(profile) -> cfg``, the experiment's config factory
+      (so that a chapter names only the experiment and the profile).
+    summary: ``summary(data) -> str``, the table a chapter prints (and nbval
+      compares).
   """
 
   name: str
@@ -37,6 +42,37 @@ class Published:
   rtol: float = 1e-4
   atol: float = 1e-6
   note: str = "float32 on CPU is deterministic run to run; 1e-4 absorbs XLA version noise"
+  config: Callable[[str], Any] | None = None
+  summary: Callable[[dict[str, Any]], str] | None = None
+
+
+@dataclasses.dataclass
+class Result:
+  """What :func:`publish` returns: the data, the figure and the summary.
+
+  In a notebook it displays as the figure (``image/png``, the published
+  bytes). ``data, fig = result`` unpacks like a pair.
+
+  Attributes:
+    name: the experiment.
+    data: the JSON-able data.
+    figure: a :class:`dataweights.results.FigureOutput` or None.
+    summary: the summary table (a string), or None.
+  """
+
+  name: str
+  data: dict[str, Any]
+  figure: Any = None
+  summary: str | None = None
+
+  def __iter__(self):
+    return iter((self.data, self.figure))
+
+  def _repr_png_(self) -> bytes | None:
+    return None if self.figure is None else self.figure.png
+
+  def __repr__(self) -> str:
+    return f"<result {self.name}>"
 
 
 REGISTRY: dict[str, Published] = {}
@@ -51,26 +87,33 @@ def register(entry: Published) -> Published:
 
 def publish(
   name: str,
-  cfg: Any,
+  profile_or_cfg: Any,
   results_dir: str | None,
   *,
   profile: str | None = None,
-) -> tuple[dict[str, Any], Any]:
-  """Runs a registered experiment, saves its JSON (+ PNG), returns (data, fig).
+) -> Result:
+  """Runs a registered experiment, saves its JSON (+ PNG), returns a Result.
 
-  This is what a chapter cell calls. With ``results_dir`` falsy nothing is
-  written (nbval re-executions in CI), so the published files stay as the
-  book runner left them.
+  This is what a chapter cell calls::
+
+    res = experiments.publish("ch1_greedy", profile, results_dir)
+    res                 # shows the figure (image/png, the published bytes)
+    print(res.summary)  # the table (a cell tagged nbval-check-output)
+
+  Results are written to ``results_dir`` when it is set (the book runner),
+  else to ``$DATAWEIGHTS_RESULTS_DIR/<chapter>/`` when that is set (CI's
+  single execution of each chapter), else nowhere (see
+  :func:`dataweights.results.output_dir`).
 
   Args:
     name: a key of :data:`REGISTRY`.
-    cfg: the experiment config (stored in the JSON so the drift guard can
-      rebuild it with ``entry.make_config(**stored)``).
+    profile_or_cfg: the profile (the experiment's ``config`` factory builds
+      the config), or a config object.
     results_dir: where to write ``<name>.json`` / ``<name>.png``, or ``""``.
-    profile: recorded in the provenance; defaults to ``cfg.profile``.
+    profile: recorded in the provenance; defaults to the config's.
 
   Returns:
-    The data dict and the matplotlib figure (``None`` for tables).
+    The :class:`Result` (``data, fig = result`` also works).
   """
   import time
 
@@ -79,16 +122,26 @@ def publish(
   if name not in REGISTRY:
     raise KeyError(f"unknown published result {name!r}; known: {', '.join(sorted(REGISTRY))}")
   entry = REGISTRY[name]
+  if isinstance(profile_or_cfg, str):
+    if entry.config is None:
+      raise ValueError(f"{name!r} has no config factory; pass its config object")
+    cfg = entry.config(profile_or_cfg)
+  else:
+    cfg = profile_or_cfg
+  out = results.output_dir(results_dir, entry.chapter)
   t0 = time.perf_counter()
   data = entry.run(cfg)
   wall = time.perf_counter() - t0
   profile = profile or getattr(cfg, "profile", "unknown")
-  results.save(name, data, results_dir, config=cfg, profile=profile, wall_time_s=wall)
+  results.save(name, data, out, config=cfg, profile=profile, wall_time_s=wall)
   fig = None
+  jsonable = results.to_jsonable(data)
   if entry.plot is not None:
-    fig = entry.plot(results.to_jsonable(data))
-    results.save_figure(fig, name, results_dir)
-  return data, fig
+    fig = results.FigureOutput(name, entry.plot(jsonable))
+    if out is not None:
+      results.atomic_write(out / f"{name}.png", fig.png)
+  summary = None if entry.summary is None else entry.summary(data)
+  return Result(name, data, fig, summary)
 
 
 def _tuplify(x: Any) -> Any:

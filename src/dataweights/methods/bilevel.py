@@ -1,6 +1,6 @@
 """Hypergradients of bilevel data mixing: unrolled (forward, reverse), implicit.
 
-Set-up (papers.md §1, "Less is More", Das et al. 2026). Domains
+Set-up (the book's Sources §1, "Less is More", Das et al. 2026). Domains
 ``j = 1..K`` have training losses ``f_j(θ)``, the validation loss is
 ``g(θ)`` and the mixed training loss is ``F(θ; w) = Σ_j w_j f_j(θ)``. One
 outer round runs ``T`` gradient steps
@@ -214,7 +214,7 @@ def hypergrad_forward(
 
   References:
     Das, Patel, Razaviyayn, Mirrokni (2026), "Less is More", Prop. 4.1
-    (recursion reconstructed, papers.md §1).
+    (recursion reconstructed; the book's Sources §1).
   """
   _check_T(T)
   _check_batches(batches, T)
@@ -323,7 +323,7 @@ def hypergrad_implicit(
 
   References:
     Bengio (2000); Pedregosa (2016), implicit differentiation for
-    hyperparameters; papers.md §1.
+    hyperparameters; the book's Sources §1.
   """
   solvers = ("auto", "dense", "cg")
   if solver not in solvers:

@@ -1,6 +1,6 @@
 """Domain weights on the probability simplex: checks, projection, updates.
 
-The outer loop of bilevel data mixing (papers.md §1, "Less is More") keeps
+The outer loop of bilevel data mixing (the book's Sources §1, "Less is More") keeps
 the domain weights ``w_K`` on the simplex
 ``Δ_K = {w in R^K : w >= 0, Σ_j w_j = 1}``. Two outer updates are offered:
 
@@ -9,7 +9,7 @@ the domain weights ``w_K`` on the simplex
 * projected gradient, ``w_{k+1} = Π_Δ(w_k − β h_k)``.
 
 [reconstruction] The paper's abstract does not state its outer update; EG
-is our most likely reading and PGD the alternative (papers.md §1).
+is our most likely reading and PGD the alternative (the book's Sources §1).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def eg_update(w_K: ArrayLike, h_K: ArrayLike, beta: ArrayLike) -> jax.Array:
     SimplexError: if ``beta`` is not finite and > 0 (when concrete).
 
   References:
-    Kivinen & Warmuth (1997), exponentiated gradient; papers.md §1 (the
+    Kivinen & Warmuth (1997), exponentiated gradient; the book's Sources §1 (the
     paper's outer update is our reconstruction).
 
   Example:

@@ -92,7 +92,7 @@ def plot_horizon_full(data: dict[str, Any]) -> Figure:
 
 
 def plot_horizon_minibatch(data: dict[str, Any]) -> Figure:
-  """Figure-2 style: loss, accuracy and w_2 against T (minibatch), ±1 std."""
+  """Figure-2 style: loss, accuracy and w_2 against T (minibatch), CI bands."""
   fig = Figure(figsize=(14, 4.0), layout="constrained")
   axes = fig.subplots(1, 3)
   T = np.array(data["horizons"], float)
@@ -100,9 +100,9 @@ def plot_horizon_minibatch(data: dict[str, Any]) -> Figure:
   for i, b in enumerate(data["budgets"]):
     c = COLORS[i % len(COLORS)]
     for ax, (k, _) in zip(axes, keys):
-      m, s = np.array(b[f"{k}_mean"]), np.array(b[f"{k}_std"])
+      m = np.array(b[f"{k}_mean"])
       ax.plot(T, m, "o-", color=c, ms=4, label=f"N = {b['N']}")
-      ax.fill_between(T, m - s, m + s, color=c, alpha=0.18, lw=0)
+      ax.fill_between(T, b[f"{k}_lo"], b[f"{k}_hi"], color=c, alpha=0.2, lw=0)
     for name, ls in (("uniform", "-."), ("natural", ":")):
       axes[0].axhline(b[name]["val_mean"], color=c, ls=ls, lw=1, alpha=0.8)
       axes[1].axhline(b[name]["acc_mean"], color=c, ls=ls, lw=1, alpha=0.8)
@@ -114,58 +114,185 @@ def plot_horizon_minibatch(data: dict[str, Any]) -> Figure:
     ax.legend(fontsize=8)
     _style(ax)
   axes[2].set_ylim(0, 1)
-  fig.suptitle(f"minibatch gradients, mean ± std over {data['seeds']} seeds", fontsize=10)
+  pct = int(round(100 * data["level"]))
+  fig.suptitle(f"minibatch gradients, mean and {pct}% interval over {data['seeds']} seeds",
+               fontsize=10)
   return fig
 
 
+def _tstar_points(cond: dict[str, Any]):
+  rows = [row for row in cond["rows"] if row["T"] is not None]
+  N = np.array([row["N"] for row in rows], float)
+  T = np.array([row["T"] for row in rows], float)
+  lo = np.array([row["range"][0] for row in rows], float)
+  hi = np.array([row["range"][1] for row in rows], float)
+  return N, T, lo, hi
+
+
 def plot_scaling(data: dict[str, Any]) -> Figure:
-  """T*(N) with the log N and √(N log N) least-squares fits."""
-  fig = Figure(figsize=(11, 4.0), layout="constrained")
-  axes = fig.subplots(1, 2)
-  N = np.array(data["budgets"], float)
-  N_fine = np.geomspace(N.min(), N.max(), 60)
-  for ax, case in zip(axes, ("full", "minibatch")):
-    d = data[case]
-    ax.plot(N, d["T_star"], "o", color="black", ms=7, label="empirical T*(N)")
-    fl, fs = d["fit_log"], d["fit_sqrt"]
-    fit_log = fl["a"] + fl["b"] * np.log(N_fine)
-    fit_sqrt = fs["a"] + fs["b"] * np.sqrt(N_fine * np.log(N_fine))
-    # A fit can dip below T = 1 at small N; a horizon < 1 is meaningless.
-    ax.plot(N_fine, np.where(fit_log >= 1, fit_log, np.nan), color=COLORS[0],
-            label=f"a + b log N (R² = {fl['r2']:.2f})")
-    ax.plot(N_fine, np.where(fit_sqrt >= 1, fit_sqrt, np.nan), color=COLORS[1],
-            ls="--", label=f"a + b √(N log N) (R² = {fs['r2']:.2f})")
-    top = max(max(d["T_star"]), float(np.nanmax(fit_log)), float(np.nanmax(fit_sqrt)))
-    ax.set(xscale="log", yscale="log", ylim=(1, 2 * top),
-           xlabel="budget N (inner steps)", ylabel="best horizon T*")
-    ax.legend(fontsize=8)
-    _style(ax, f"{case} gradients")
+  """T*(N) with full gradients: constant and decaying outer step, local slopes."""
+  fig = Figure(figsize=(15, 4.3), layout="constrained")
+  axes = fig.subplots(1, 3)
+  titles = {"constant": r"constant $\beta$: model $\sqrt{\kappa N / 2\nu}$ (dashed)",
+            "decaying": r"$\beta_r = \beta/(1+0.1r)$: fit $a + b\log N$ (dashed)"}
+  for ax, arm in zip(axes[:2], ("constant", "decaying")):
+    for i, cond in enumerate(data["arms"][arm]):
+      c = COLORS[i % len(COLORS)]
+      N, T, lo, hi = _tstar_points(cond)
+      # Bars: grid horizons within 10% of the best (the vertex may lie
+      # between grid points, outside a one-point range).
+      yerr = [np.maximum(T - lo, 0), np.maximum(hi - T, 0)]
+      ax.errorbar(N, T, yerr=yerr, fmt="o", color=c, ms=4, capsize=2, lw=0.8,
+                  label=rf"$\eta\mu$ = {cond['eta_mu']:.3g}")
+      if arm == "constant":
+        ax.plot(N, cond["model_T"], "--", color=c, lw=1.2)
+      elif "laws" in cond:
+        law = cond["laws"]["log"]
+        fit = law["a"] + law["b"] * np.log(N)
+        ax.plot(N, np.where(fit > 0, fit, np.nan), "--", color=c, lw=1.2)
+    ax.set(xscale="log", yscale="log", xlabel="budget N (inner steps)",
+           ylabel="best horizon T* (bars: within 10% of best)")
+    ax.legend(fontsize=8, loc="upper left")
+    _style(ax, titles[arm])
+  ax = axes[2]
+  for arm, mk, ls in (("constant", "o", "-"), ("decaying", "s", ":")):
+    for i, cond in enumerate(data["arms"][arm]):
+      N, T, _, _ = _tstar_points(cond)
+      if len(N) < 2:
+        continue
+      mid = np.sqrt(N[1:] * N[:-1])
+      ax.plot(mid, cond["local_slopes"], ls, marker=mk, ms=3.5, color=COLORS[i % len(COLORS)],
+              mfc="white" if arm == "decaying" else None, lw=1)
+  ax.axhline(0.5, color="black", lw=1, ls="--", label="1/2 (square-root law)")
+  ax.plot([], [], "o-", color="0.4", label=r"constant $\beta$")
+  ax.plot([], [], "s:", color="0.4", mfc="white", label=r"decaying $\beta$")
+  ax.set(xscale="log", ylim=(0, 1.5), xlabel="budget N",
+         ylabel=r"local slope $\Delta\log T^* / \Delta\log N$")
+  ax.legend(fontsize=8)
+  _style(ax, "local log-log slope of T*(N)")
+  return fig
+
+
+def plot_scaling_minibatch(data: dict[str, Any]) -> Figure:
+  """Noisy gradients: excess at T*, T*(N) with bootstrap intervals, U-curves."""
+  fig = Figure(figsize=(15, 4.3), layout="constrained")
+  ax0, ax1, ax2 = fig.subplots(1, 3)
+  pct = int(round(100 * data["level"]))
+  for i, (arm, label) in enumerate((("constant", r"constant $\eta$"),
+                                    ("decaying", r"$\eta_N \propto N^{-1/2}$"))):
+    e = data["arms"][arm]
+    c = COLORS[i]
+    N = np.array([row["N"] for row in e["rows"]], float)
+    ex = np.array([row["excess"] for row in e["rows"]])
+    ax0.errorbar(N, ex, yerr=[ex - np.array([row["excess_lo"] for row in e["rows"]]),
+                              np.array([row["excess_hi"] for row in e["rows"]]) - ex],
+                 fmt="o-", color=c, ms=4, capsize=3, label=label)
+    ok = [j for j, row in enumerate(e["rows"]) if row["T"] is not None]
+    T = np.array([e["rows"][j]["T"] for j in ok])
+    lo = np.array([e["rows"][j]["T_lo"] for j in ok])
+    hi = np.array([e["rows"][j]["T_hi"] for j in ok])
+    ax1.errorbar(N[ok], T, yerr=[T - lo, hi - T], fmt="o", color=c, ms=5, capsize=3, label=label)
+    if "laws" in e and arm == "decaying":
+      Nf = np.geomspace(N.min(), N.max(), 50)
+      p = e["laws"]["power"]
+      ax1.plot(Nf, np.exp(p["a"]) * Nf ** p["b"], color=c, lw=1.2,
+               label=f"fit c N^p, p = {p['b']:.2f}")
+      s_ = e["laws"]["sqrt_nlogn"]
+      ax1.plot(Nf, s_["a"] + s_["b"] * np.sqrt(Nf * np.log(Nf)), color=c, lw=1.2, ls=":",
+               label=r"fit $a + b\sqrt{N\log N}$")
+      ax1.plot(N, e["model_T"], "--", color="0.3", lw=1, label="deterministic model")
+  ax0.set(xscale="log", yscale="log", xlabel="budget N", ylabel="excess at the best T (95% CI)")
+  ax0.legend(fontsize=8)
+  _style(ax0, "excess of the final mixture")
+  ax1.set(xscale="log", yscale="log", xlabel="budget N", ylabel=f"T* ({pct}% bootstrap interval)")
+  ax1.legend(fontsize=7, loc="upper left")
+  _style(ax1, f"best horizon, {data['seeds']} seeds")
+  for j, row in enumerate(data["arms"]["decaying"]["rows"]):
+    ax2.plot(row["grid_T"], row["mean_excess_T"], "-", color=COLORS[j % len(COLORS)], lw=1.3,
+             label=f"N = {row['N']}")
+    if row["T"] is not None:
+      ax2.axvline(row["T"], color=COLORS[j % len(COLORS)], lw=0.8, ls=":")
+  ax2.set(xscale="log", yscale="log", xlabel="inner horizon T", ylabel="mean excess over seeds")
+  ax2.legend(fontsize=8)
+  _style(ax2, r"$\eta_N \propto N^{-1/2}$: excess against T (dotted: T*)")
+  return fig
+
+
+def plot_adaptive(data: dict[str, Any]) -> Figure:
+  """Growing horizon T_r = 1 + c r against fixed horizons."""
+  fig = Figure(figsize=(15, 4.3), layout="constrained")
+  ax0, ax1, ax2 = fig.subplots(1, 3)
+  qd = data["quadratic"]
+  N = np.array([row["N"] for row in qd["rows"]], float)
+  for key, label, kw in (
+    ("T1", "T = 1", dict(color=COLORS[1], ls=":")),
+    ("best_T_excess", "best fixed T for each N", dict(color="black", ls="-")),
+    ("single_T_excess", f"fixed T = {qd['single_T']} for all N", dict(color=COLORS[0], ls="--")),
+    ("single_c_excess", f"growing, c = {qd['single_c']:.3g} for all N", dict(color=COLORS[2], ls="-")),
+  ):
+    ax0.plot(N, [row[key] for row in qd["rows"]], marker="o", ms=4, lw=1.5, label=label, **kw)
+  ax0.set(xscale="log", yscale="log", xlabel="budget N", ylabel=r"excess $\Phi(w_N) - \Phi^*$")
+  ax0.legend(fontsize=8)
+  _style(ax0, "quadratic, full gradients")
+  ex_c = np.array(qd["excess_c_BxC"])
+  best = np.array([row["best_T_excess"] for row in qd["rows"]])
+  for b in range(len(N)):
+    if b % 2 and b != len(N) - 1:
+      continue
+    ax1.plot(qd["c_grid"], ex_c[b] / best[b], "o-", ms=3, color=COLORS[(b // 2) % len(COLORS)],
+             label=f"N = {int(N[b])}")
+  ax1.axhline(1.0, color="black", lw=1, ls="--", label="best fixed T")
+  ax1.axvline(qd["model_c"], color="0.4", lw=1, ls=":", label=r"model $c^* = \kappa/2\nu$")
+  ax1.set(xscale="log", yscale="log", xlabel=r"growth rate c ($T_r = 1 + c\,r$)",
+          ylabel="excess / best fixed-T excess")
+  ax1.legend(fontsize=7)
+  _style(ax1, "below 1: growing horizon wins")
+  cl = data["classification"]
+  Nc = np.array([row["N"] for row in cl["rows"]], float)
+  m = np.array([row["diff"] for row in cl["rows"]])
+  lo = np.array([row["diff_lo"] for row in cl["rows"]])
+  hi = np.array([row["diff_hi"] for row in cl["rows"]])
+  ax2.errorbar(Nc, m, yerr=[m - lo, hi - m], fmt="o", color=COLORS[2], capsize=4,
+               label="growing minus best fixed T")
+  t1 = np.array([row["T1_minus_bestT"] for row in cl["rows"]])
+  ax2.errorbar(Nc * 1.06, t1[:, 0], yerr=[t1[:, 0] - t1[:, 1], t1[:, 2] - t1[:, 0]], fmt="s",
+               color=COLORS[1], capsize=4, label="T = 1 minus best fixed T")
+  ax2.axhline(0, color="black", lw=1)
+  pct = int(round(100 * data["level"]))
+  ax2.set(xscale="log", xlabel="budget N", ylabel=f"test loss difference ({pct}% CI)")
+  ax2.legend(fontsize=8)
+  _style(ax2, f"classification, minibatches, {cl['seeds']} paired seeds")
   return fig
 
 
 def plot_adult(data: dict[str, Any]) -> Figure:
-  """Learned domain weights on UCI Adult against the baselines, test metrics."""
-  fig = Figure(figsize=(13, 4.2), layout="constrained")
-  ax0, ax1 = fig.subplots(1, 2, width_ratios=(2, 1))
+  """Per target: learned weights and test-loss differences with the pooled baseline."""
+  targets = data["targets"]
+  fig = Figure(figsize=(14, 4.0 * len(targets)), layout="constrained")
+  axes = np.atleast_2d(fig.subplots(len(targets), 2, width_ratios=(1.6, 1)))
   names = data["domain_names"]
-  methods = data["methods"]
   x = np.arange(len(names))
-  width = 0.8 / len(methods)
-  for i, m in enumerate(methods):
-    ax0.bar(x + (i - (len(methods) - 1) / 2) * width, m["w_mean"], width,
-            yerr=m["w_std"], color=COLORS[i % len(COLORS)], label=m["name"])
-  ax0.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
-  ax0.set(ylabel="domain weight", yscale="log", ylim=(1e-3, 1.0))
-  ax0.legend(fontsize=8)
-  _style(ax0, f"domain weights ({data['domain_column']})")
-  labels = [m["name"] for m in methods]
-  ax1.barh(np.arange(len(methods)), [m["test_loss_mean"] for m in methods],
-           xerr=[m["test_loss_std"] for m in methods],
-           color=[COLORS[i % len(COLORS)] for i in range(len(methods))])
-  ax1.set_yticks(np.arange(len(methods)), labels, fontsize=8)
-  lo = min(m["test_loss_mean"] for m in methods)
-  hi = max(m["test_loss_mean"] for m in methods)
-  ax1.set(xlabel="test log-loss", xlim=(lo - 0.1 * (hi - lo) - 0.005, hi + 0.1 * (hi - lo) + 0.005))
-  ax1.xaxis.set_major_locator(MaxNLocator(4))
-  _style(ax1, "test loss (mean ± std)")
+  pct = int(round(100 * data["level"]))
+  for (ax0, ax1), t in zip(axes, targets):
+    shown = [m for m in t["methods"] if m["name"] == "natural" or m["name"].startswith(("T=", "adaptive"))]
+    width = 0.8 / len(shown)
+    for i, m in enumerate(shown):
+      ax0.bar(x + (i - (len(shown) - 1) / 2) * width, np.maximum(m["w_mean"], 1e-4), width,
+              color=COLORS[i % len(COLORS)], label=m["name"])
+    ax0.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax0.set(ylabel="final domain weight (mean over seeds)", yscale="log", ylim=(1e-4, 1.0))
+    ax0.legend(fontsize=7, ncol=2)
+    _style(ax0, f"target: {', '.join(t['target_domains']) if t['target'] != 'all' else 'all domains'}")
+    labels = [m["name"] for m in t["methods"]]
+    y = np.arange(len(labels))
+    d = np.array([m["diff_vs_pooled"] for m in t["methods"]])
+    lo = np.array([m["diff_lo"] for m in t["methods"]])
+    hi = np.array([m["diff_hi"] for m in t["methods"]])
+    ax1.errorbar(d, y, xerr=[d - lo, hi - d], fmt="o", color="black", capsize=3)
+    ax1.axvline(0, color=COLORS[1], lw=1)
+    ax1.set_yticks(y, labels, fontsize=8)
+    ax1.invert_yaxis()
+    ax1.set(xlabel=f"test loss minus natural (pooled), {pct}% CI, {data['seeds']} paired seeds")
+    ax1.xaxis.set_major_locator(MaxNLocator(5))
+    _style(ax1, "left of the line: better than pooled natural sampling")
   return fig

@@ -109,6 +109,12 @@ def text_sampler(profile: str, data_dir: str | None, synthetic: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Trains (or resumes); returns the exit code.
+
+  Exit codes: 0 done; 1 a checkpoint that is corrupt or does not match this
+  run (the message names ``--fresh``), or a non-finite loss; 2 bad
+  arguments; 130 interrupted (the last checkpoint is kept).
+  """
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
@@ -160,11 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     f"steps of {train_cfg.batch_size} sequences on {what}; checkpoints in "
     f"{ckpt} (run again to resume)"
   )
-  from dataweights.checkpoint import CheckpointManager
+  from dataweights.checkpoint import CheckpointError, CheckpointManager
+  from dataweights.train.loop import NonFiniteError
 
-  if ckpt.exists() and (done := CheckpointManager(ckpt).latest_step()):
-    print(f"[example] resuming from the checkpoint at step {done}")
-  state, history = train_lm(model_cfg, train_cfg, sampler, domain_names=names)
+  try:
+    if ckpt.exists() and (done := CheckpointManager(ckpt).latest_step()):
+      print(f"[example] resuming from the checkpoint at step {done}")
+    state, history = train_lm(
+      model_cfg, train_cfg, sampler, domain_names=names
+    )
+  except CheckpointError as e:
+    print(
+      f"error: {e}\n  to start over: add --fresh (deletes {ckpt}), or "
+      "choose another --checkpoint-dir",
+      file=sys.stderr,
+    )
+    return 1
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    last = CheckpointManager(ckpt).latest_step() if ckpt.exists() else None
+    where = f"step {last}" if last else "the start (no checkpoint yet)"
+    print(
+      f"error: interrupted; run the same command again to resume from {where}",
+      file=sys.stderr,
+    )
+    return 130
   steps, losses = history.series("loss")
   if steps:
     print(

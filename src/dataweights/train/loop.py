@@ -1,22 +1,23 @@
 """The host loop: batches in, jitted steps, metrics, checkpoints, resume.
 
 ``train_lm(model_cfg, train_cfg, batches)`` trains a language model end to
-end; :class:`Trainer` is the same with the pieces exposed (custom loss,
-method state in ``extra``, evaluation callback).
+end; :class:`Trainer` is the same with the pieces exposed (custom loss, a
+data-selection :class:`~dataweights.train.method.Method`, evaluation
+callback).
 
-Batches come from one of:
+Batches come from a :class:`~dataweights.train.feeder.Feeder` of named
+sources (a bare sampler, batch function or iterator is the ``"train"``
+source): samplers with ``get_state``/``set_state`` are checkpointed and
+resume exactly; a method's domain weights are fed to the ``"train"`` sampler
+every step. Each batch is ``{"tokens_BxL": int32, "mask_BxL": optional loss
+mask, "domain_B": optional int32, "weight_B": optional float}``; the
+``"train"`` batch has ``train_cfg.batch_size`` rows.
 
-* a *sampler*: an iterator with ``get_state() -> dict`` and
-  ``set_state(dict)`` (the data pipeline's samplers); its state is saved with
-  every checkpoint and restored on resume, so the resumed run sees the same
-  batches;
-* a *batch function* ``batch_fn(step) -> batch`` (random access, stateless);
-* a plain iterator: on resume the first ``step`` batches are skipped by
-  drawing them again (slow but exact for deterministic iterators).
-
-Each batch is ``{"tokens_BxL": int32, "mask_BxL": optional loss mask,
-"domain_B": optional int32, "weight_B": optional float}`` with
-``train_cfg.batch_size`` rows.
+The device never waits for the host: step ``s`` is dispatched before the
+metrics (and method weights) of step ``s - 1`` are fetched, and the next
+batches are drawn while step ``s`` runs. A non-finite step is therefore
+seen one step late; the step after it is a no-op (``state.halted``), so the
+error still carries the last good state.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from dataweights import metrics as metrics_lib
 from dataweights.checkpoint import CheckpointError, CheckpointManager
 from dataweights.configs.train import RESUME_MUTABLE_FIELDS, TrainConfig
 from dataweights.train import optim
+from dataweights.train.feeder import Feeder
+from dataweights.train.method import Method, check_batches
 from dataweights.train.state import (
   StaticParts,
   TrainState,
@@ -43,6 +46,7 @@ from dataweights.train.state import (
   init_train_state,
 )
 from dataweights.train.step import (
+  SAMPLING_WEIGHTS,
   LossFn,
   jit_train_step,
   lm_loss,
@@ -89,45 +93,6 @@ def _config_dict(model_cfg: Any, train_cfg: TrainConfig, extra_keys) -> dict:
   }
 
 
-class _Batches:
-  """Uniform access to a sampler, a batch function or an iterator."""
-
-  def __init__(self, source: Any):
-    self.source = source
-    self.kind = (
-      "sampler"
-      if hasattr(source, "get_state") and hasattr(source, "set_state")
-      else "function"
-      if callable(source) and not hasattr(source, "__next__")
-      else "iterator"
-    )
-    self.it = iter(source) if self.kind == "iterator" else None
-
-  def get_state(self) -> Any:
-    return self.source.get_state() if self.kind == "sampler" else None
-
-  def resume(self, step: int, data_state: Any) -> None:
-    if self.kind == "sampler":
-      if data_state is None:
-        raise CheckpointError(
-          f"the checkpoint at step {step} has no data-iterator state but the "
-          "batches come from a sampler with get_state/set_state; cannot "
-          "resume the data stream exactly"
-        )
-      self.source.set_state(data_state)
-    elif self.kind == "iterator":
-      log.warning("plain iterator: skipping %d batches to resume", step)
-      for _ in range(step):
-        next(self.it)
-
-  def next(self, step: int) -> dict:
-    if self.kind == "function":
-      return self.source(step)
-    if self.kind == "sampler":
-      return next(self.source)
-    return next(self.it)
-
-
 class Trainer:
   """A training run: model, optimiser, compiled step, checkpoints.
 
@@ -140,8 +105,11 @@ class Trainer:
       :class:`~dataweights.models.transformer.Transformer`.
     loss_fn: per-example loss ``loss_fn(model, batch, key) -> loss_B``.
     domain_names: names of the K domains for per-domain metrics.
-    extra: initial method state (e.g. ``{"w_K": ...}`` domain weights).
+    extra: initial extra state (e.g. fixed ``{"w_K": ...}`` domain loss
+      weights).
     use_rng: give ``loss_fn`` a per-step key (dropout).
+    method: a data-selection method; its state is created from the initial
+      parameters and kept in ``state.extra["method"]``.
   """
 
   def __init__(
@@ -155,6 +123,7 @@ class Trainer:
     domain_names: Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
     use_rng: bool | None = None,
+    method: Method | None = None,
   ):
     from dataweights import sharding
 
@@ -178,6 +147,15 @@ class Trainer:
       model = sharding.create_sharded(make, mesh)
       self.batch_sharding = sharding.batch_sharding(mesh, 1)
       self.repl_sharding = sharding.replicated(mesh)
+    self.method = method
+    extra = dict(extra or {})
+    if method is not None:
+      params = nnx.state(model, nnx.Param)
+      extra["method"] = method.init(
+        params,
+        jax.random.fold_in(jax.random.key(train_cfg.seed), 0x6D657468),
+        None if self.domain_names is None else len(self.domain_names),
+      )
     state, static, shardings = init_train_state(
       model, tx, seed=train_cfg.seed, extra=extra
     )
@@ -191,11 +169,15 @@ class Trainer:
       domain_names=self.domain_names,
       schedule=self.schedule,
       use_rng=use_rng,
+      method=method,
     )
+    # One batch sharding for every named batch (each split along axis 0).
     self.jit_step = jit_train_step(
       self.step_fn, shardings, self.batch_sharding, self.repl_sharding
     )
-    self.config = _config_dict(model_cfg, train_cfg, (extra or {}).keys())
+    self.config = _config_dict(model_cfg, train_cfg, extra.keys())
+    if method is not None:
+      self.config["method"] = _method_config(method)
     self.ckpt = (
       None
       if train_cfg.checkpoint_dir is None
@@ -209,43 +191,53 @@ class Trainer:
     return self.static.model(self.state if state is None else state)
 
   def put_batch(self, batch: dict) -> dict:
-    """Checks the batch and places it with its sharding.
+    """Checks batch sizes and places the batch (or named batches) on devices.
 
-    Host-side checks, before anything reaches a device: every array has
-    ``train_cfg.batch_size`` rows, and the token ids of host (numpy) data
-    lie in ``[0, model_cfg.vocab_size)`` (ids already on a device are
-    checked inside the model, see :mod:`dataweights.models.ids`).
+    A single batch must have ``train_cfg.batch_size`` rows; with named
+    batches that holds for ``"train"``, and every array of a batch must have
+    that batch's number of rows. The token ids of host (numpy) data are
+    checked to lie in ``[0, model_cfg.vocab_size)`` before anything reaches
+    a device (ids already on a device are checked inside the model, see
+    :mod:`dataweights.models.ids`).
 
     Raises:
       ValueError: a wrong number of rows.
       TokenIdError: a token id out of range (naming it, its position and
         the vocabulary size).
     """
-    arrays = {
-      k: np.asarray(v) if not isinstance(v, jax.Array) else v
-      for k, v in batch.items()
-    }
-    want = self.train_cfg.batch_size
-    for key, x in arrays.items():
-      if x.ndim == 0 or x.shape[0] != want:
-        raise ValueError(
-          f"batch[{key!r}] has shape {x.shape}; every batch array must have "
-          f"train_cfg.batch_size = {want} rows"
-        )
     vocab_size = getattr(self.model_cfg, "vocab_size", None)
-    tokens = arrays.get("tokens_BxL")
-    if isinstance(tokens, np.ndarray) and vocab_size is not None:
-      from dataweights.models.ids import check_token_ids
+    named = "train" in batch and isinstance(batch["train"], dict)
+    batches = batch if named else {"train": batch}
+    placed = {}
+    for name, b in batches.items():
+      arrays = {
+        k: np.asarray(v) if not isinstance(v, jax.Array) else v
+        for k, v in b.items()
+      }
+      rows = {x.shape[0] if x.ndim else None for x in arrays.values()}
+      want = self.train_cfg.batch_size if name == "train" else next(iter(rows))
+      for key, x in arrays.items():
+        if x.ndim == 0 or x.shape[0] != want:
+          what = "train_cfg.batch_size" if name == "train" else "the batch's"
+          raise ValueError(
+            f"batch {name!r}: {key!r} has shape {x.shape}; every array must "
+            f"have {what} = {want} rows"
+          )
+      tokens = arrays.get("tokens_BxL")
+      if isinstance(tokens, np.ndarray) and vocab_size is not None:
+        from dataweights.models.ids import check_token_ids
 
-      check_token_ids(tokens, vocab_size, "batch['tokens_BxL']")
-    if self.mesh is not None:
-      from dataweights import sharding
+        check_token_ids(tokens, vocab_size, f"batch {name!r}: 'tokens_BxL'")
+      if self.mesh is not None:
+        from dataweights import sharding
 
-      return sharding.shard_batch(arrays, self.mesh)
-    return jax.device_put(arrays, self.batch_sharding)
+        placed[name] = sharding.shard_batch(arrays, self.mesh)
+      else:
+        placed[name] = jax.device_put(arrays, self.batch_sharding)
+    return placed if named else placed["train"]
 
   def restore(
-    self, batches: _Batches | None = None, step: int | None = None
+    self, batches: Feeder | None = None, step: int | None = None
   ) -> metrics_lib.History:
     """Restores ``self.state`` (and the data stream) from a checkpoint.
 
@@ -268,7 +260,7 @@ class Trainer:
       batches.resume(restored.step, restored.data_state)
     return metrics_lib.History.from_state_dict(restored.history or {})
 
-  def save(self, batches: _Batches, history: metrics_lib.History) -> None:
+  def save(self, batches: Feeder, history: metrics_lib.History) -> None:
     """Saves the current state, data-stream state and history."""
     assert self.ckpt is not None
     self.ckpt.save(
@@ -278,6 +270,13 @@ class Trainer:
       history=history.state_dict(),
       config=self.config,
     )
+
+  def _initial_weights(self) -> np.ndarray | None:
+    """The method's sampling weights in the current state, on the host."""
+    if self.method is None or not self.method.emits_weights:
+      return None
+    w = self.method.sampling_weights(self.state.extra["method"])
+    return None if w is None else np.asarray(jax.device_get(w), np.float64)
 
   def run(
     self,
@@ -290,7 +289,8 @@ class Trainer:
     """Trains to ``steps`` (default ``train_cfg.steps``) updates.
 
     Args:
-      batches: a sampler, a batch function or an iterator (module doc).
+      batches: a :class:`~dataweights.train.feeder.Feeder`, a dict of named
+        sources, or one source (sampler, batch function or iterator).
       resume: continue from the latest checkpoint in ``checkpoint_dir``
         (if any). With ``resume=False`` an existing checkpoint is an error,
         never silently overwritten.
@@ -306,10 +306,13 @@ class Trainer:
       NonFiniteError: a step produced NaN/inf (message names the step and
         metrics); the last good checkpoint is kept.
       CheckpointError: an existing checkpoint is corrupt or incompatible.
+      ValueError: the feeder lacks a batch the method needs.
     """
     cfg = self.train_cfg
     total = cfg.steps if steps is None else int(steps)
-    source = _Batches(batches)
+    feeder = batches if isinstance(batches, Feeder) else Feeder(batches)
+    if self.method is not None:
+      check_batches(self.method, feeder.names)
     history = metrics_lib.History()
     if self.ckpt is not None and self.ckpt.latest_step() is not None:
       if not resume:
@@ -318,7 +321,7 @@ class Trainer:
           f"{self.ckpt.steps()}); pass resume=True to continue, or use a new "
           "checkpoint_dir"
         )
-      history = self.restore(source)
+      history = self.restore(feeder)
       history.truncate(int(self.state.step))
       log.info("resumed from step %d", int(self.state.step))
     start = int(self.state.step)
@@ -331,51 +334,85 @@ class Trainer:
       dynamic_ncols=True,
     )
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _null()
+    in_flight: tuple[int, Any] | None = None  # (done, device metrics)
+
+    def settle(item) -> None:
+      """Host work for a finished step: history, guard, eval, progress."""
+      nonlocal last_saved
+      done, m_dev = item
+      m = jax.device_get(m_dev)
+      if m["nonfinite"]:
+        bad = metrics_lib.nonfinite_keys(m) or ["loss", "grad_norm"]
+        where = (
+          f"last good checkpoint: step {last_saved} in {self.ckpt.directory}"
+          if last_saved is not None
+          else "no checkpoint was saved yet"
+        )
+        good = self.state.replace(halted=jax.numpy.zeros_like(self.state.halted))
+        raise NonFiniteError(
+          f"non-finite training metrics at step {done}: {', '.join(bad)} "
+          f"(loss={m['loss']}, grad_norm={m['grad_norm']}); the update was "
+          f"not applied and training stopped; {where}",
+          step=done,
+          keys=bad,
+          state=good,
+          checkpoint_step=last_saved,
+        )
+      if done % cfg.log_every == 0 or done == total:
+        history.append(done, m)
+      bar.update(1)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+
     try:
       with ctx:
+        # Batch s is drawn with the weights after s - lag updates (see
+        # dataweights.train.feeder); W[start] is in the restored state.
+        prev_w = self._initial_weights()
+        host_w = prev_w
+        if feeder.pending_weights is not None:  # resumed: what the run used
+          host_w = feeder.pending_weights
+        batch = self.put_batch(feeder.next(start, host_w))
         for s in range(start, total):
-          batch = self.put_batch(source.next(s))
-          new_state, m = self.jit_step(self.state, batch)
-          self.state = new_state
-          m = jax.device_get(m)
-          if m["nonfinite"]:
-            bad = metrics_lib.nonfinite_keys(m) or ["loss", "grad_norm"]
-            where = (
-              f"last good checkpoint: step {last_saved} in "
-              f"{self.ckpt.directory}"
-              if last_saved is not None
-              else "no checkpoint was saved yet"
-            )
-            raise NonFiniteError(
-              f"non-finite training metrics at step {s + 1}: "
-              f"{', '.join(bad)} (loss={m['loss']}, grad_norm="
-              f"{m['grad_norm']}); the update was not applied and training "
-              f"stopped; {where}",
-              step=s + 1,
-              keys=bad,
-              state=self.state,
-              checkpoint_step=last_saved,
-            )
           done = s + 1
-          if done % cfg.log_every == 0 or done == total:
-            history.append(done, m)
-          if (
+          self.state, m = self.jit_step(self.state, batch)
+          new_w = m.get(SAMPLING_WEIGHTS)
+          previous, in_flight = in_flight, (done, m)
+          if previous is not None:
+            settle(previous)  # waits for step s - 1 only; step s runs on
+          if new_w is not None:
+            if feeder.lag == 1:  # W[s] for batch s + 1: step s - 1's output
+              host_w = np.asarray(jax.device_get(prev_w), np.float64)
+              prev_w = new_w
+            else:  # W[s + 1]: wait for step s
+              host_w = np.asarray(jax.device_get(new_w), np.float64)
+          is_ckpt = self.ckpt is not None and (
+            done % cfg.checkpoint_every == 0 or done == total
+          )
+          is_eval = (
             eval_fn is not None
             and cfg.eval_every
             and (done % cfg.eval_every == 0 or done == total)
-          ):
-            ev = {k: float(v) for k, v in eval_fn(self.model(), done).items()}
-            if history.rows and history.rows[-1]["step"] == done:
-              history.rows[-1].update(ev)
-            else:
-              history.append(done, ev)
-          bar.update(1)
-          bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-          if self.ckpt is not None and (
-            done % cfg.checkpoint_every == 0 or done == total
-          ):
-            self.save(source, history)
-            last_saved = done
+          )
+          if is_ckpt or is_eval:
+            settle(in_flight)
+            in_flight = None
+            if is_eval:
+              ev = {k: float(v) for k, v in eval_fn(self.model(), done).items()}
+              if history.rows and history.rows[-1]["step"] == done:
+                history.rows[-1].update(ev)
+              else:
+                history.append(done, ev)
+            if is_ckpt:
+              # Saved before the next batch is drawn, with the weights it
+              # will use: the resumed run draws exactly the same batch.
+              feeder.pending_weights = host_w
+              self.save(feeder, history)
+              last_saved = done
+          if done < total:
+            batch = self.put_batch(feeder.next(done, host_w))
+        if in_flight is not None:
+          settle(in_flight)
+          in_flight = None
     finally:
       bar.close()
       if self.ckpt is not None:
@@ -396,6 +433,16 @@ class _null:
     return False
 
 
+def _method_config(method: Method) -> dict[str, Any]:
+  """The method's name and hyperparameters (saved with checkpoints)."""
+  fields = (
+    {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+    if dataclasses.is_dataclass(method)
+    else {}
+  )
+  return {"class": type(method).__name__, **fields}
+
+
 def train_lm(
   model_cfg: Any,
   train_cfg: TrainConfig,
@@ -407,6 +454,7 @@ def train_lm(
   domain_names: Iterable[str] | None = None,
   extra: dict[str, Any] | None = None,
   eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+  method: Method | None = None,
 ) -> tuple[TrainState, metrics_lib.History]:
   """Trains a language model end to end (resuming if a checkpoint exists).
 
@@ -420,8 +468,9 @@ def train_lm(
     resume: continue from the latest checkpoint if there is one.
     loss_fn: per-example loss (default next-token cross-entropy).
     domain_names: names of the domains for ``loss/domain/{name}`` metrics.
-    extra: method state carried and checkpointed with the run.
+    extra: extra state carried and checkpointed with the run.
     eval_fn: optional ``eval_fn(model, step) -> dict`` (every ``eval_every``).
+    method: a data-selection method (see :mod:`dataweights.train.method`).
 
   Returns:
     ``(state, history)``: the final :class:`TrainState` and the
@@ -439,6 +488,7 @@ def train_lm(
     loss_fn=loss_fn,
     domain_names=None if domain_names is None else list(domain_names),
     extra=extra,
+    method=method,
   )
   try:
     return trainer.run(batches, resume=resume, eval_fn=eval_fn)

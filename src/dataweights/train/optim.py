@@ -8,6 +8,9 @@ left alone (the GPT-2 / nanoGPT convention).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -96,3 +99,65 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   if cfg.grad_clip:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
   return opt
+
+
+FROZEN = None
+"""In :func:`make_grouped_optimizer`, a group mapped to ``FROZEN`` (None)
+gets zero updates and holds no optimiser state."""
+
+
+def layer_labels(params: Any) -> Any:
+  """Labels the transformer's parameters by group.
+
+  ``"embed"`` (token and position embeddings), ``"block/<i>"`` (each
+  transformer block), ``"head"`` (the final LayerNorm and an untied output
+  head). Use with :func:`make_grouped_optimizer` for layer-wise methods.
+  """
+
+  def label(path, _):
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if keys and keys[0] == "blocks":
+      return f"block/{keys[1]}"
+    if keys and keys[0] in ("wte", "wpe"):
+      return "embed"
+    return "head"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_grouped_optimizer(
+  groups: dict[str, TrainConfig | None],
+  label_fn: Callable[[Any], Any] = layer_labels,
+) -> optax.GradientTransformation:
+  """One optimiser per parameter group (``optax.multi_transform``).
+
+  Args:
+    groups: ``{label: TrainConfig}`` (each group's own optimiser, schedule
+      and clipping; clipping is per group) or ``{label: FROZEN}`` (no
+      update, no state: optax masks the group out of every other
+      optimiser's state).
+    label_fn: ``label_fn(params) -> labels`` with the parameters' structure.
+
+  Returns:
+    The composed transformation.
+
+  Raises:
+    ValueError: at init, a parameter whose label has no group (names the
+      label and the groups).
+  """
+  transforms = {
+    name: optax.set_to_zero() if cfg is FROZEN else make_optimizer(cfg)
+    for name, cfg in groups.items()
+  }
+
+  def checked_labels(params):
+    labels = label_fn(params)
+    unknown = sorted(set(jax.tree.leaves(labels)) - set(groups))
+    if unknown:
+      raise ValueError(
+        f"parameter group(s) {', '.join(map(repr, unknown))} have no "
+        f"optimiser; groups given: {', '.join(map(repr, groups))}"
+      )
+    return labels
+
+  return optax.multi_transform(transforms, checked_labels)

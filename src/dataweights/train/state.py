@@ -38,7 +38,12 @@ class TrainState:
       ``fold_in(key, s)``, so the key itself never changes.
     model_state: the model's other variables (usually empty); passed to the
       loss unchanged.
-    extra: method state, a dict of arrays or pytrees (may be empty).
+    extra: method state, a dict of arrays or pytrees (may be empty); a
+      :class:`~dataweights.train.method.Method`'s state is ``extra["method"]``.
+    halted: int32 scalar, 1 once a step was non-finite: every later step
+      then leaves the state unchanged (the host loop reads metrics one step
+      late, so the step after a failure must not move away from the last
+      good state).
   """
 
   step: jax.Array
@@ -47,6 +52,7 @@ class TrainState:
   rng: jax.Array
   model_state: Any
   extra: dict[str, Any]
+  halted: jax.Array
 
   def step_key(self) -> jax.Array:
     """The PRNG key of the current step: ``fold_in(rng, step)``."""
@@ -121,7 +127,18 @@ def init_train_state(
   # Copies: the jitted step donates the state, which must not delete arrays
   # the caller still holds (e.g. the initial domain weights).
   copy = lambda x: jax.device_put(jnp.array(x, copy=True), repl)
-  extra = jax.tree.map(copy, dict(extra or {}))
+  extra = dict(extra or {})
+  method_state = extra.pop("method", None)
+  extra = jax.tree.map(copy, extra)
+  if method_state is not None:
+    # Parameter-shaped parts of a method's state live in the parameters'
+    # shards (a second model copy must not be replicated).
+    from dataweights.train.method import state_shardings
+
+    sh = state_shardings(method_state, params, param_sh, repl)
+    extra["method"] = jax.tree.map(
+      lambda x, s: jax.device_put(jnp.array(x, copy=True), s), method_state, sh
+    )
   model_state = jax.tree.map(copy, model_state)
   state = TrainState(
     step=jax.device_put(jnp.zeros((), jnp.int32), repl),
@@ -132,6 +149,7 @@ def init_train_state(
     ),
     model_state=model_state,
     extra=extra,
+    halted=jax.device_put(jnp.zeros((), jnp.int32), repl),
   )
   shardings = jax.tree.map(lambda x: x.sharding, state)
   return state, StaticParts(graphdef, tx), shardings

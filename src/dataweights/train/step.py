@@ -1,8 +1,12 @@
-"""The pure train step ``train_step(state, batch) -> (state, metrics)``.
+"""The pure train step ``train_step(state, batches) -> (state, metrics)``.
 
-:func:`make_train_step` builds it from the static parts and a pluggable
-per-example loss; :func:`jit_train_step` jits it once with explicit in/out
-shardings and donates the state (nanodo's ``train.py`` pattern).
+:func:`make_train_step` builds it from the static parts, a pluggable
+per-example loss and a data-selection method (:mod:`dataweights.train.method`);
+it is made of two reusable halves, :func:`make_grad_fn` (loss and gradient,
+accumulated) and :func:`apply_gradients` (the optimiser), so that methods can
+add meta-steps between them. :func:`jit_train_step` jits it once with
+explicit in/out shardings and donates the state (nanodo's ``train.py``
+pattern).
 
 Objective. With per-example losses ``loss_b`` and weights ``weight_b``
 (default 1), the step minimises
@@ -23,9 +27,11 @@ sharded batch needs no communication) and ``lax.scan`` sums the
 gradients of ``sum_b weight_b loss_b``; dividing by the total weight gives
 exactly the one-big-batch gradient (up to float summation order).
 
-Non-finite guard. If the loss or the gradient norm is NaN/inf, the update is
-skipped inside the step (the returned state equals the input state) and
-``metrics["nonfinite"]`` is 1; the host loop then stops with a clear error.
+Non-finite guard. If the loss, the model's gradient, the applied gradient or
+the method state is NaN/inf, the update is skipped inside the step (the
+returned state equals the input state), ``state.halted`` becomes 1 so that
+every later step is skipped too, and ``metrics["nonfinite"]`` is 1; the host
+loop, which reads metrics one step late, then stops with a clear error.
 """
 
 from __future__ import annotations
@@ -39,9 +45,12 @@ import optax
 from flax import nnx
 
 from dataweights import metrics as metrics_lib
+from dataweights.train.method import Method, Plain, StepContext
 from dataweights.train.state import StaticParts, TrainState
 
 Batch = dict[str, jax.Array]
+SAMPLING_WEIGHTS = "sampling/w_K"
+"""Metrics key of the method's sampling weights (a ``(K,)`` vector)."""
 # loss_fn(model, batch, key) -> loss_B; key is None when no randomness is due.
 LossFn = Callable[[nnx.Module, Batch, jax.Array | None], jax.Array]
 
@@ -118,32 +127,19 @@ def _split_microbatches(batch: Batch, num: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(
+def make_grad_fn(
   static: StaticParts,
   *,
   loss_fn: LossFn = lm_loss,
   accumulation_steps: int = 1,
-  domain_names: Sequence[str] | None = None,
-  schedule: optax.Schedule | None = None,
-  use_rng: bool = False,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """Builds the pure step ``train_step(state, batch) -> (state, metrics)``.
-
-  Args:
-    static: graphdef and optax transformation.
-    loss_fn: ``loss_fn(model, batch, key) -> loss_B`` (see :func:`lm_loss`).
-    accumulation_steps: microbatches per update; must divide the batch.
-    domain_names: names of the K domains; with ``batch["domain_B"]`` the
-      metrics get ``loss/domain/{name}`` and ``count/domain/{name}``.
-    schedule: the learning-rate schedule, reported as ``lr``.
-    use_rng: pass ``fold_in(fold_in(rng, step), microbatch)`` to ``loss_fn``
-      (dropout); otherwise ``key`` is None.
+) -> Callable[..., tuple[jax.Array, jax.Array, Any]]:
+  """The weighted loss and its gradient, accumulated over microbatches.
 
   Returns:
-    The pure step function. Metrics (float32 scalars): ``loss`` (the
-    weighted objective), ``loss/mean`` (unweighted mean of loss_B),
-    ``grad_norm``, ``param_norm``, ``update_norm``, ``weight_sum``,
-    ``nonfinite``, ``lr`` (with a schedule) and per-domain keys.
+    ``grad_fn(params, model_state, batch, weight_B, key) -> (loss, loss_B,
+    grads, weight_sum)`` with ``loss = sum_b w_b loss_b / sum_b w_b`` and
+    ``grads`` its gradient (the one-big-batch gradient whatever the number
+    of microbatches, up to float summation order).
   """
   num_micro = int(accumulation_steps)
   if num_micro < 1:
@@ -159,48 +155,164 @@ def make_train_step(
       )
     return jnp.sum(micro["weight_B"] * loss_B), loss_B
 
-  grad_fn = jax.value_and_grad(weighted_sum, has_aux=True)
+  vg = jax.value_and_grad(weighted_sum, has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch):
-    batch = dict(batch)
-    batch["weight_B"] = example_weights(batch, state.extra)
-    step_key = state.step_key() if use_rng else None
+  def grad_fn(params, model_state, batch, weight_B, key):
+    batch = dict(batch, weight_B=weight_B)
     if num_micro == 1:
-      (total, loss_B), grads = grad_fn(
-        state.params, state.model_state, batch, step_key
-      )
+      (total, loss_B), grads = vg(params, model_state, batch, key)
     else:
       micro_AxB = _split_microbatches(batch, num_micro)
 
       def body(carry, inp):
         g_acc, t_acc = carry
         i, micro = inp
-        key = None if step_key is None else jax.random.fold_in(step_key, i)
-        (t, loss_b), g = grad_fn(state.params, state.model_state, micro, key)
+        k = None if key is None else jax.random.fold_in(key, i)
+        (t, loss_b), g = vg(params, model_state, micro, k)
         return (jax.tree.map(jnp.add, g_acc, g), t_acc + t), loss_b
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = jax.tree.map(jnp.zeros_like, params)
       (grads, total), loss_AxB = jax.lax.scan(
         body,
         (zeros, jnp.zeros((), jnp.float32)),
         (jnp.arange(num_micro), micro_AxB),
       )
       loss_B = loss_AxB.swapaxes(0, 1).reshape(-1)  # back to batch order
-    weight_sum = jnp.sum(batch["weight_B"])
+    weight_sum = jnp.sum(weight_B)
     denom = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    loss = total / denom
-    updates, opt_state = static.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    return total / denom, loss_B, grads, weight_sum
+
+  return grad_fn
+
+
+def apply_gradients(
+  tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any
+) -> tuple[Any, Any, Any]:
+  """One optimiser update: ``(params, opt_state, updates)``."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, updates
+
+
+def _as_batches(batch_or_batches: Any) -> dict[str, Batch]:
+  """``{"train": batch}`` for a single batch; named batches as they are."""
+  b = dict(batch_or_batches)
+  if "train" in b and isinstance(b["train"], dict):
+    return b
+  return {"train": b}
+
+
+def make_train_step(
+  static: StaticParts,
+  *,
+  loss_fn: LossFn = lm_loss,
+  accumulation_steps: int = 1,
+  domain_names: Sequence[str] | None = None,
+  schedule: optax.Schedule | None = None,
+  use_rng: bool = False,
+  method: Method | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the pure step ``train_step(state, batches) -> (state, metrics)``.
+
+  ``batches`` is one batch, or a dict of named batches (``"train"`` and
+  those the method consumes). The step is: the method selects and weights
+  the training rows, the model's loss and gradient are computed
+  (:func:`make_grad_fn`), the method's meta-steps run and may change the
+  gradient, the optimiser applies it (:func:`apply_gradients`), and the
+  method looks at the new parameters (see :mod:`dataweights.train.method`).
+
+  Args:
+    static: graphdef and optax transformation.
+    loss_fn: ``loss_fn(model, batch, key) -> loss_B`` (see :func:`lm_loss`).
+    accumulation_steps: microbatches per update; must divide the batch.
+    domain_names: names of the K domains; with ``batch["domain_B"]`` the
+      metrics get ``loss/domain/{name}`` and ``count/domain/{name}``.
+    schedule: the learning-rate schedule, reported as ``lr``.
+    use_rng: pass ``fold_in(fold_in(rng, step), microbatch)`` to ``loss_fn``
+      (dropout); otherwise ``key`` is None.
+    method: the data-selection method (default: none); its state is
+      ``state.extra["method"]``.
+
+  Returns:
+    The pure step function. Metrics (float32 scalars): ``loss`` (the
+    weighted objective), ``loss/mean`` (unweighted mean of loss_B),
+    ``grad_norm``, ``param_norm``, ``update_norm``, ``weight_sum``,
+    ``nonfinite``, ``lr`` (with a schedule), per-domain keys and the
+    method's own metrics (``method/...``).
+  """
+  method = method or Plain()
+  grad_fn = make_grad_fn(
+    static, loss_fn=loss_fn, accumulation_steps=accumulation_steps
+  )
+  num_domains = None if domain_names is None else len(domain_names)
+
+  def train_step(state: TrainState, batches: Any):
+    batches = _as_batches(batches)
+    step_key = state.step_key()
+    dropout_key = step_key if use_rng else None
+    mstate = state.extra.get("method", {})
+
+    def params_loss(params, batch, weight_B=None, key=None):
+      model = nnx.merge(static.graphdef, params, state.model_state, copy=True)
+      return loss_fn(model, batch, key).astype(jnp.float32)
+
+    def params_grad(params, batch, weight_B):
+      loss, loss_B, grads, _ = grad_fn(
+        params, state.model_state, batch,
+        jnp.ones(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
+        if weight_B is None else jax.lax.stop_gradient(weight_B),
+        None,
+      )
+      return loss, loss_B, grads
+
+    ctx = StepContext(
+      step=state.step,
+      key=jax.random.fold_in(step_key, 0x6D657468),  # "meth": not dropout's
+      params=state.params,
+      model_state=state.model_state,
+      batches=batches,
+      loss_fn=params_loss,
+      grad_fn=params_grad,
+      num_domains=num_domains,
+    )
+    batch, method_weight_B, mstate = method.select(mstate, ctx)
+    weight_B = example_weights(batch, state.extra)
+    if method_weight_B is not None:
+      weight_B = weight_B * jax.lax.stop_gradient(method_weight_B)
+    loss, loss_B, grads, weight_sum = grad_fn(
+      state.params, state.model_state, batch, weight_B, dropout_key
+    )
+    raw_grad_norm = metrics_lib.global_norm(grads)
+    grads, mstate, m_metrics = method.update(mstate, ctx, grads, loss_B, batch)
+    params, opt_state, updates = apply_gradients(
+      static.tx, state.params, state.opt_state, grads
+    )
+    mstate, m_post = method.post_update(mstate, ctx, params)
+    m_metrics = {**m_metrics, **m_post}
 
     grad_norm = metrics_lib.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state
+    ok = (
+      jnp.isfinite(loss)
+      & jnp.isfinite(raw_grad_norm)
+      & jnp.isfinite(grad_norm)
+      & (state.halted == 0)
     )
-    # Skip the update on NaN/inf: the host loop stops on `nonfinite`.
+    for v in jax.tree.leaves(mstate):
+      if jnp.issubdtype(v.dtype, jnp.inexact):
+        ok = ok & jnp.all(jnp.isfinite(v))
+    extra = dict(state.extra)
+    if "method" in extra or jax.tree.leaves(mstate):
+      extra["method"] = mstate
+    new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, extra=extra
+    )
+    # Skip the update on NaN/inf, and every later one (`halted` is sticky):
+    # the host loop reads the metrics one step late and then stops.
     new_state = jax.tree.map(
       lambda new, old: jnp.where(ok, new, old), new_state, state
+    )
+    new_state = new_state.replace(
+      halted=jnp.where(ok, state.halted, jnp.ones_like(state.halted))
     )
     out = {
       "loss": loss,
@@ -218,6 +330,14 @@ def make_train_step(
         loss_B, batch["domain_B"], len(domain_names)
       )
       out.update(metrics_lib.domain_metrics(loss_K, count_K, domain_names))
+    w_K = method.sampling_weights(new_state.extra.get("method", {}))
+    if w_K is not None:
+      # The state is donated to the next step: the host reads the weights
+      # for the sampler from here (a vector; History keeps scalars only).
+      out[SAMPLING_WEIGHTS] = w_K
+      if domain_names is not None and w_K.shape == (len(domain_names),):
+        out.update({f"weight/{n}": w_K[k] for k, n in enumerate(domain_names)})
+    out.update({f"method/{k}": v for k, v in m_metrics.items()})
     out = {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
     return new_state, out
 

@@ -1,0 +1,194 @@
+"""The plug-in contract between data-selection methods and the training step.
+
+A :class:`Method` owns a state pytree and runs inside the same jitted step as
+the model's update. The step (:func:`dataweights.train.step.make_train_step`)
+calls its hooks in this order::
+
+  batch, weight_B, mstate = method.select(mstate, ctx)       # which rows, how weighted
+  loss_B, grads = loss_and_grads(params, batch, weight_B)    # the model's gradient
+  grads, mstate, m = method.update(mstate, ctx, grads, ...)  # meta-steps; may change grads
+  params, opt_state = apply_gradients(grads)                 # the optimiser
+  mstate, m2 = method.post_update(mstate, ctx, new_params)   # look-ahead rules
+
+Every hook is a pure function of arrays; the defaults do nothing, so a
+method overrides only what it needs:
+
+* **extra batches**: :attr:`Method.batches` names the batches it consumes
+  besides ``"train"`` (a validation or specific batch, a big generic batch);
+  the host feeder (:class:`dataweights.train.feeder.Feeder`) supplies them
+  and the trainer checks that it can before compiling anything;
+* **per-example loss weights or a selected sub-batch**: ``select``;
+* **per-domain sampling weights**: :meth:`Method.sampling_weights` returns
+  ``w_K`` from the state; the host loop reads it (one step late, so the
+  device never waits) and draws the next batches with it;
+* **its own state**: ``init`` builds it from the model's parameters. Any
+  sub-tree shaped like the parameters (a second model copy, an auxiliary
+  vector ``v``, optimiser moments of either) is placed with the parameters'
+  shardings, everything else is replicated (:func:`state_shardings`), so a
+  method that keeps a second model (ScaleBiO) is sharded like the model.
+
+The state is checkpointed with the rest of the run and restored bit-exactly.
+Methods in :mod:`dataweights.methods` build on this contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+Params = Any
+MethodState = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What a method sees inside the jitted step.
+
+  Attributes:
+    step: int32 scalar, updates done before this step.
+    key: the method's PRNG key for this step (independent of dropout's).
+    params: the model parameters before the update.
+    model_state: the model's non-parameter variables.
+    batches: every batch of the step by name (``"train"`` and the method's).
+    loss_fn: ``loss_fn(params, batch, weight_B=None, key=None) -> loss_B``,
+      the model's per-example loss as a function of the parameters (for
+      meta-gradients: ``jax.grad`` / ``jax.jvp`` through it).
+    grad_fn: ``grad_fn(params, batch, weight_B) -> (loss, loss_B, grads)``,
+      the weighted mean loss and its gradient, accumulated over microbatches
+      exactly like the main step.
+    num_domains: K, when the run has named domains (else None).
+  """
+
+  step: jax.Array
+  key: jax.Array
+  params: Params
+  model_state: Any
+  batches: Mapping[str, Batch]
+  loss_fn: Callable[..., jax.Array]
+  grad_fn: Callable[..., tuple[jax.Array, jax.Array, Params]]
+  num_domains: int | None = None
+
+
+class Method:
+  """Base class of data-selection methods: every hook defaults to a no-op.
+
+  Subclasses are frozen dataclasses of hyperparameters (hashable, so a
+  method can be a static argument of ``jax.jit``) and override hooks.
+
+  Attributes:
+    name: short name used in metrics (``method/<name>/...``) and configs.
+    batches: names of the batches consumed besides ``"train"``.
+    emits_weights: True if :meth:`sampling_weights` returns domain weights.
+  """
+
+  name: str = "plain"
+  batches: tuple[str, ...] = ()
+  emits_weights: bool = False
+
+  def init(self, params: Params, key: jax.Array, num_domains: int | None) -> MethodState:
+    """The initial method state (a pytree of arrays; may be ``{}``)."""
+    del params, key, num_domains
+    return {}
+
+  def select(
+    self, mstate: MethodState, ctx: StepContext
+  ) -> tuple[Batch, jax.Array | None, MethodState]:
+    """The batch the model trains on and its per-example weights.
+
+    Returns:
+      ``(batch, weight_B or None, mstate)``; default: the ``"train"`` batch
+      with uniform weights.
+    """
+    return dict(ctx.batches["train"]), None, mstate
+
+  def update(
+    self,
+    mstate: MethodState,
+    ctx: StepContext,
+    grads: Params,
+    loss_B: jax.Array,
+    batch: Batch,
+  ) -> tuple[Params, MethodState, dict[str, jax.Array]]:
+    """Meta-steps after the model's gradient, before the optimiser.
+
+    Returns:
+      ``(grads, mstate, metrics)``; the returned gradient is what the
+      optimiser applies (a method may mix in other gradients).
+    """
+    del ctx, loss_B, batch
+    return grads, mstate, {}
+
+  def post_update(
+    self, mstate: MethodState, ctx: StepContext, new_params: Params
+  ) -> tuple[MethodState, dict[str, jax.Array]]:
+    """Rules that look at the parameters after the update (e.g. T = 1)."""
+    del ctx, new_params
+    return mstate, {}
+
+  def sampling_weights(self, mstate: MethodState) -> jax.Array | None:
+    """Per-domain sampling weights ``w_K`` for the next batches, or None."""
+    del mstate
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plain(Method):
+  """No method: train on the ``"train"`` batch as it comes."""
+
+  name: str = "plain"
+
+
+def _shape_tree(tree: Any) -> Any:
+  return jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)), tree)
+
+
+def state_shardings(mstate: Any, params: Params, param_shardings: Any, replicated: Any) -> Any:
+  """Shardings of a method state: parameter-shaped sub-trees like the parameters.
+
+  A sub-tree with the parameters' tree structure and leaf shapes (a model
+  copy, a vector shaped like the parameters, optimiser moments of either)
+  gets ``param_shardings``; every other leaf is ``replicated``.
+
+  Args:
+    mstate: the method state (arrays or ``ShapeDtypeStruct`` s).
+    params: the model parameters (for structure and shapes).
+    param_shardings: the parameters' shardings (same structure as params).
+    replicated: the sharding of everything else.
+
+  Returns:
+    A pytree of shardings with the structure of ``mstate``.
+  """
+  p_def = jax.tree.structure(params)
+  p_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
+
+  def like_params(node) -> bool:
+    if jax.tree.structure(node) != p_def:
+      return False
+    return [tuple(jnp.shape(x)) for x in jax.tree.leaves(node)] == p_shapes
+
+  def place(node):
+    if like_params(node):
+      return param_shardings
+    return jax.tree.map(lambda _: replicated, node)
+
+  return jax.tree.map(place, mstate, is_leaf=like_params)
+
+
+def check_batches(method: Method, available: tuple[str, ...] | list[str]) -> None:
+  """Fails early if the feeder cannot supply a batch the method needs.
+
+  Raises:
+    ValueError: names the missing batches and the available ones.
+  """
+  missing = [b for b in ("train", *method.batches) if b not in available]
+  if missing:
+    raise ValueError(
+      f"method {method.name!r} needs the batch(es) {', '.join(map(repr, missing))} "
+      f"but the data feeder gives only {', '.join(map(repr, available)) or 'none'}; "
+      "add a source with that name to the feeder"
+    )
