@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from dataweights import experiments, results
+from dataweights import results
 from dataweights.configs import ConfigError
 from dataweights.configs import mixing as cm
-from dataweights.data import synthetic as syn
-from dataweights.experiments import ch1_hypergrad
+from dataweights.experiments.ch1 import hypergrad as ch1_hypergrad
 from dataweights.experiments.registry import REGISTRY
 from dataweights.methods import bilevel, mixing
+from dataweights.methods import synthetic as syn
 
 
 def _finite(x):
@@ -39,7 +39,7 @@ def _check(name, cfg):
   assert _finite(data), f"{name}: non-finite numbers in the published data"
   if REGISTRY[name].plot is not None:
     assert isinstance(REGISTRY[name].plot(data), Figure)
-  assert isinstance(getattr(experiments, name).summary(data), str)
+  assert isinstance(REGISTRY[name].summary(data), str)
   return data
 
 
@@ -228,11 +228,11 @@ def test_horizon_minibatch_intervals_and_baselines():
 
 @pytest.mark.slow
 def test_adult_baselines_and_targets():
-  from dataweights.data import tabular
+  from dataweights.data import prepared
 
   cfg = cm.adult_mixing("smoke")
   data = _check("ch1_adult", cfg)
-  d = tabular.load_adult(domain_column=cfg.domain_column)
+  d = prepared.load_adult(domain_column=cfg.domain_column)
   counts = np.bincount(d["train"]["domain_M"], minlength=len(d["domain_names"]))
   assert data["train_counts"] == counts.tolist()
   small = sorted(np.argsort(counts)[:2].tolist())

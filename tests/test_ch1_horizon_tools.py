@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dataweights.data import synthetic as syn
-from dataweights.experiments import ch1_quadsim as qs
-from dataweights.experiments import ch1_tstar as ts
-from dataweights.experiments.ch1_common import geometric_grid, outer_rate
+from dataweights.experiments.ch1 import quadsim as qs
+from dataweights.experiments.ch1 import tstar as ts
+from dataweights.experiments.ch1.common import geometric_grid, outer_rate
 from dataweights.methods import bilevel, mixing
+from dataweights.methods import synthetic as syn
 
 
 @pytest.mark.parametrize("sigma", [0.0, 2.0])

@@ -335,15 +335,15 @@ def prepared_domains(
 ) -> list[DomainSource]:
   """Per-domain sources of one of the project's prepared TFDS data sets.
 
-  Reads ``builders.load_source(name, split)`` (prepared on first use) and
-  splits it with ``builders.domain_indices``; domains keep the ClassLabel
+  Reads ``prepared.load_source(name, split)`` (prepared on first use) and
+  splits it with ``prepared.domain_indices``; domains keep the ClassLabel
   order, so ``domain_B`` ids agree across splits when ``domains`` is the
   same.
 
   Args:
     split: ``train``, ``validation`` or ``test``.
     name: the data set (default the text domains).
-    data_dir: data directory (see :func:`dataweights.data.fetch.data_dir`).
+    data_dir: data directory (see :func:`dataweights.data.sources.fetch.data_dir`).
     domains: the domains to use, in this order (default: all).
     in_memory: passed to :class:`DomainSource`.
 
@@ -354,19 +354,19 @@ def prepared_domains(
     ValueError: unknown data set, split or domain; or a domain with no
       documents in ``split``.
   """
-  from dataweights.data import builders  # noqa: PLC0415 (imports TFDS)
+  from dataweights.data import prepared
 
-  source = builders.load_source(name, split, data_dir)
+  source = prepared.load_source(name, split, data_dir)
   text_key = "image" if name == "dw_digits" else "text"
   if not in_memory:
-    index = builders.domain_indices(name, split, data_dir, domains)
+    index = prepared.domain_indices(name, split, data_dir, domains)
     return [
       DomainSource(d, source, idx, text_key=text_key, in_memory=False)
       for d, idx in index.items()
     ]
   # In memory: decode every record once (what domain_indices would also do).
-  names = builders.domain_names(name)
-  wanted = builders.check_domains(name, domains)
+  names = prepared.domain_names(name)
+  wanted = prepared.check_domains(name, domains)
   records = _IndexedView(source, None).read_all()
   label_M = np.array([int(r["domain"]) for r in records], dtype=np.int64)
   return [

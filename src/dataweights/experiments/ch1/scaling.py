@@ -1,6 +1,6 @@
 """Beyond the paper: the best horizon T*(N) with full gradients, and why.
 
-The 3-domain quadratic :func:`dataweights.data.synthetic.sweep_quadratic`
+The 3-domain quadratic :func:`dataweights.methods.synthetic.sweep_quadratic`
 in float64, with the training curvature of coordinate 2 multiplied by
 ``s`` in ``cfg.curvature_scales``. Scaling a coordinate's training
 curvatures leaves ``θ*(w)``, the outer objective ``Φ(w) = g(θ*(w))`` and
@@ -9,16 +9,16 @@ smallest eigenvalue of ``∇²F(θ; w*)``). Two outer steps: constant ``β``
 (the chapter's set-up) and ``β_r = β / (1 + decay · r)``.
 
 For every horizon of a geometric grid and every budget, a run (exactly N
-steps, :mod:`.ch1_quadsim`) is scored by the excess of its final mixture,
+steps, :mod:`.quadsim`) is scored by the excess of its final mixture,
 ``Φ(w_N) − Φ*``. T*(N) is the vertex of a parabola in ``log T`` through
-``log excess`` around the grid argmin (:func:`.ch1_tstar.tstar`); budgets
+``log excess`` around the grid argmin (:func:`.tstar.tstar`); budgets
 whose best excess is below ``cfg.floor`` (float64 resolution) get none.
 Four two-parameter laws are fitted on the smaller budgets and scored on
 the larger, held-out ones.
 
 A model (ours): with constant β the outer error decays geometrically in
 the number of rounds, ``∝ exp(−κ N / T)`` (κ: the per-round rate of EG
-with exact hypergradients, :func:`.ch1_common.outer_rate`), while the bias
+with exact hypergradients, :func:`.common.outer_rate`), while the bias
 of a T-step hypergradient decays like ``(1 − ημ)^{2T} = exp(−2νT)``;
 balancing gives ``T* ≈ √(κ N / (2ν))``. With ``β_r = β/(1 + decay·r)``
 the outer error decays like a power ``R^{−p}``, ``p = κ / decay``, and the
@@ -32,16 +32,16 @@ from typing import Any
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.data import synthetic as syn
-from dataweights.experiments import ch1_quadsim as qs
-from dataweights.experiments import ch1_tstar as ts
-from dataweights.experiments.ch1_common import (
+from dataweights.experiments.ch1 import quadsim as qs
+from dataweights.experiments.ch1 import tstar as ts
+from dataweights.experiments.ch1.common import (
   fmt_table,
   geometric_grid,
   outer_rate,
   r,
 )
 from dataweights.experiments.registry import Published, register
+from dataweights.methods import synthetic as syn
 
 ARMS = ("constant", "decaying")
 
@@ -216,7 +216,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def _plot(data):
-  from dataweights.plotting import mixing as plots
+  from dataweights.experiments.ch1 import plots
 
   return plots.plot_scaling(data)
 
@@ -227,6 +227,8 @@ register(
     chapter="ch1_mixing",
     run=run,
     make_config=mixing_configs.HorizonScalingConfig,
+    config=mixing_configs.horizon_scaling,
+    summary=summary,
     plot=_plot,
     note="float64 and deterministic; T* is a parabola vertex (smooth in the data)",
   )

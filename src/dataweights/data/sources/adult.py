@@ -2,8 +2,8 @@
 
 Source: ``mglearn==0.2.0``, file ``mglearn/data/adult.data`` (32,561 rows,
 15 columns, no header; UCI Adult, CC BY 4.0), fetched and sha256-checked by
-:mod:`dataweights.data.fetch`. The TFDS builder ``dw_adult``
-(:mod:`dataweights.data.builders`) stores the raw rows with the same fixed
+:mod:`dataweights.data.sources.fetch`. The TFDS builder ``dw_adult``
+(:mod:`dataweights.data.build`) stores the raw rows with the same fixed
 split; :func:`load_adult` turns them into model-ready arrays.
 
 Splits are fixed (seed 0), 70 / 15 / 15 % train / validation / test,
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dataweights.data import fetch
+from dataweights.data.sources import fetch
 
 ADULT_PACKAGE = "mglearn"
 ADULT_MEMBER = "mglearn/data/adult.data"
@@ -212,62 +212,6 @@ def _features(
       cols.append((values == cat).astype(np.float64))
       names.append(f"{col}={cat}")
   return np.stack(cols, axis=1), names
-
-
-def load_adult(
-  data_dir: str | os.PathLike[str] | None = None,
-  *,
-  domain_column: str = "workclass",
-  min_domain_size: int = 100,
-  include_domain_feature: bool = False,
-) -> dict[str, Any]:
-  """UCI Adult as standardised features, income labels and domain ids.
-
-  Args:
-    data_dir: data directory (see :func:`dataweights.data.fetch.data_dir`).
-    domain_column: one of :data:`DOMAIN_COLUMNS` (``workclass``,
-      ``marital-status``, ``occupation``, ``relationship``, ``race``,
-      ``gender``, ``native-country``).
-    min_domain_size: categories with fewer rows (whole table) are merged,
-      with ``?``, into the domain ``Other/unknown``.
-    include_domain_feature: keep the domain column's one-hot features.
-
-  Returns:
-    ``{"train"|"validation"|"test": {"x_MxP": float32, "y_M": int32
-    (income > 50K), "domain_M": int32}, "domain_names": [...],
-    "feature_names": [...], "domain_column": str}``.
-
-  Raises:
-    ValueError: unknown ``domain_column`` or ``min_domain_size`` < 1.
-  """
-  if domain_column not in DOMAIN_COLUMNS:
-    raise ValueError(
-      f"unknown domain_column {domain_column!r}; allowed are "
-      + ", ".join(DOMAIN_COLUMNS)
-    )
-  if not isinstance(min_domain_size, int) or min_domain_size < 1:
-    raise ValueError(
-      f"min_domain_size = {min_domain_size!r} must be an int >= 1"
-    )
-  df = _adult_table(data_dir)
-  return adult_arrays(
-    df,
-    domain_column=domain_column,
-    min_domain_size=min_domain_size,
-    include_domain_feature=include_domain_feature,
-  )
-
-
-def _adult_table(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
-  """Raw table plus a ``split`` column, from TFDS when prepared."""
-  try:
-    from dataweights.data import builders
-
-    return builders.adult_table(data_dir)
-  except (ImportError, AttributeError):
-    df = read_adult(data_dir)
-    df["split"] = split_assignment(df["workclass"].to_numpy())
-    return df
 
 
 def adult_arrays(

@@ -1,7 +1,7 @@
 """The same method on UCI Adult, domains = the values of a natural column.
 
 L2-regularised logistic regression on the standardised Adult features
-(:func:`dataweights.data.tabular.load_adult`, the domain column itself is
+(:func:`dataweights.data.prepared.load_adult`, the domain column itself is
 not a feature); the training domains are the values of
 ``cfg.domain_column`` (default ``workclass``). Two targets
 (``cfg.targets``):
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.experiments import ch1_tstar as ts
-from dataweights.experiments.ch1_common import fmt_table, r
+from dataweights.experiments.ch1 import tstar as ts
+from dataweights.experiments.ch1.common import fmt_table, r
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel, mixing
 
@@ -301,9 +301,9 @@ def run_target(
 
 def run(cfg: mixing_configs.AdultMixingConfig) -> dict[str, Any]:
   """Every target; JSON-able dict."""
-  from dataweights.data import tabular
+  from dataweights.data import prepared
 
-  d = tabular.load_adult(domain_column=cfg.domain_column)
+  d = prepared.load_adult(domain_column=cfg.domain_column)
   counts = np.bincount(d["train"]["domain_M"], minlength=len(d["domain_names"]))
   return r(
     {
@@ -360,7 +360,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def _plot(data):
-  from dataweights.plotting import mixing as plots
+  from dataweights.experiments.ch1 import plots
 
   return plots.plot_adult(data)
 
@@ -371,6 +371,8 @@ register(
     chapter="ch1_mixing",
     run=run,
     make_config=mixing_configs.AdultMixingConfig,
+    config=mixing_configs.adult_mixing,
+    summary=summary,
     plot=_plot,
   )
 )

@@ -1,7 +1,7 @@
 """Beyond the paper: the best horizon T*(N) with stochastic gradients.
 
 The 3-domain quadratic with additive Gaussian noise on every domain
-gradient (:func:`dataweights.data.synthetic.noisy_quadratic_losses`: an
+gradient (:func:`dataweights.methods.synthetic.noisy_quadratic_losses`: an
 unbiased gradient with the exact Hessian), float64, ``cfg.seeds`` seeds.
 Two step-size arms:
 
@@ -13,7 +13,7 @@ Two step-size arms:
   scale with ``η``, so the excess can keep falling.
 
 Per budget a geometric grid of horizons; T*(N) is the parabola vertex of
-:func:`.ch1_tstar.tstar` on the seed-mean excess, with percentile
+:func:`.tstar.tstar` on the seed-mean excess, with percentile
 intervals from a bootstrap over seeds (resampled jointly for all
 budgets, which also gives an interval for the log-log slope). Every
 horizon of a seed sees the same noise (common random numbers).
@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.data import synthetic as syn
-from dataweights.experiments import ch1_quadsim as qs
-from dataweights.experiments import ch1_tstar as ts
-from dataweights.experiments.ch1_common import fmt_table, outer_rate, r
+from dataweights.experiments.ch1 import quadsim as qs
+from dataweights.experiments.ch1 import tstar as ts
+from dataweights.experiments.ch1.common import fmt_table, outer_rate, r
 from dataweights.experiments.registry import Published, register
+from dataweights.methods import synthetic as syn
 
 ARMS = ("constant", "decaying")
 
@@ -193,7 +193,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def _plot(data):
-  from dataweights.plotting import mixing as plots
+  from dataweights.experiments.ch1 import plots
 
   return plots.plot_scaling_minibatch(data)
 
@@ -204,6 +204,8 @@ register(
     chapter="ch1_mixing",
     run=run,
     make_config=mixing_configs.MinibatchScalingConfig,
+    config=mixing_configs.minibatch_scaling,
+    summary=summary,
     plot=_plot,
     note="float64; noise from fixed keys, so the run is deterministic",
   )

@@ -1,6 +1,6 @@
 """Figure 1 style: validation loss and w_2 against T, full gradients.
 
-On the 3-domain quadratic :func:`dataweights.data.synthetic.sweep_quadratic`.
+On the 3-domain quadratic :func:`dataweights.methods.synthetic.sweep_quadratic`.
 Every horizon spends exactly N steps: one
 :func:`dataweights.methods.mixing.run_mixing_schedule` per T (vmapped over
 T) records the state after each budget, the ``N mod T`` leftover steps
@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.data import synthetic as syn
-from dataweights.experiments.ch1_common import fmt_table, r
+from dataweights.experiments.ch1.common import fmt_table, r
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel, mixing
+from dataweights.methods import synthetic as syn
 
 
 def run(cfg: mixing_configs.HorizonFullConfig) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def _plot(data):
-  from dataweights.plotting import mixing as plots
+  from dataweights.experiments.ch1 import plots
 
   return plots.plot_horizon_full(data)
 
@@ -153,6 +153,8 @@ register(
     chapter="ch1_mixing",
     run=run,
     make_config=mixing_configs.HorizonFullConfig,
+    config=mixing_configs.horizon_full,
+    summary=summary,
     plot=_plot,
   )
 )

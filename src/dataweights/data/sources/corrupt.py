@@ -7,7 +7,7 @@ so a data-selection method can be scored on how well it finds the noise
 collections return the corrupted items and a boolean mask ``corrupted_M``
 of which items were changed.
 
-Text (normalised, see :func:`dataweights.data.sources.normalize`):
+Text (normalised, see :func:`dataweights.data.sources.text.normalize`):
   * :func:`shuffle_words`: word order destroyed, vocabulary kept.
   * :func:`substitute_chars`: each character replaced with probability p.
   * :func:`splice_spans`: a fraction p of the words replaced by spans of

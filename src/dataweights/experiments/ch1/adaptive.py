@@ -1,6 +1,6 @@
 """Beyond the paper: a horizon that grows with the round, ``T_r = 1 + c·r``.
 
-Our model of the full-gradient trade-off (:mod:`.ch1_scaling`) balances an
+Our model of the full-gradient trade-off (:mod:`.scaling`) balances an
 outer error ``exp(−κ R)`` after R rounds against a hypergradient bias
 ``exp(−2ν T)``. A horizon growing linearly with the round keeps the two
 balanced at every round without knowing N: after R rounds the budget is
@@ -9,7 +9,7 @@ predicts the best growth rate ``c* = κ / (2ν)`` and, for large N, an
 excess ``≈ exp(−2√(κνN))`` against ``≈ exp(−√(2κνN))`` for the best fixed
 horizon: an exponent larger by up to √2.
 
-Two problems here (UCI Adult is in :mod:`.ch1_adult`):
+Two problems here (UCI Adult is in :mod:`.adult`):
 
 * the 3-domain quadratic with full gradients (float64): fixed horizons on a
   geometric grid against growth rates on a geometric grid, scored by the
@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.data import synthetic as syn
-from dataweights.experiments import ch1_quadsim as qs
-from dataweights.experiments import ch1_tstar as ts
-from dataweights.experiments.ch1_common import (
+from dataweights.experiments.ch1 import quadsim as qs
+from dataweights.experiments.ch1 import tstar as ts
+from dataweights.experiments.ch1.common import (
   fmt_table,
   geometric_grid,
   outer_rate,
@@ -40,6 +39,7 @@ from dataweights.experiments.ch1_common import (
 )
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel, mixing
+from dataweights.methods import synthetic as syn
 
 
 def quadratic(cfg: mixing_configs.AdaptiveHorizonConfig) -> dict[str, Any]:
@@ -277,7 +277,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def _plot(data):
-  from dataweights.plotting import mixing as plots
+  from dataweights.experiments.ch1 import plots
 
   return plots.plot_adaptive(data)
 
@@ -288,6 +288,8 @@ register(
     chapter="ch1_mixing",
     run=run,
     make_config=mixing_configs.AdaptiveHorizonConfig,
+    config=mixing_configs.adaptive_horizon,
+    summary=summary,
     plot=_plot,
   )
 )

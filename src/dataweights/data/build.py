@@ -1,11 +1,15 @@
-"""TFDS builders (array_record, no TensorFlow) for the offline data sets.
+"""Stage 2 of the data flow: build the TFDS data sets (array_record, no TF).
+
+Stage 1 (:mod:`dataweights.data.sources`) fetches and parses the pinned
+archives; this module writes and verifies the data sets; stage 3
+(:mod:`dataweights.data.prepared`) reads them.
 
 Three data sets, each with ``train`` / ``validation`` / ``test`` splits and
 a ``domain`` ClassLabel on every example, written under the data
-directory (:func:`dataweights.data.fetch.data_dir`) as
+directory (:func:`dataweights.data.sources.fetch.data_dir`) as
 ``<data_dir>/<name>/1.0.0/``:
 
-``dw_text_domains`` (:mod:`dataweights.data.sources`)::
+``dw_text_domains`` (:mod:`dataweights.data.sources.text`)::
 
   {"text": Text (read back as bytes; normalised: lower-case a-z and single
             spaces), "domain": ClassLabel(names=DOMAIN_NAMES),
@@ -15,12 +19,12 @@ directory (:func:`dataweights.data.fetch.data_dir`) as
   dialogue, social, code, legal, religious, glossary, chat,
   noise_slovenian, noise_multilingual.
 
-``dw_digits`` (:mod:`dataweights.data.digits`)::
+``dw_digits`` (:mod:`dataweights.data.sources.digits`)::
 
   {"image": Tensor uint8 (8, 8) in 0..16, "label": ClassLabel(10),
    "domain": ClassLabel(names=["mnist", "uci"]), "index": int64}
 
-``dw_adult`` (:mod:`dataweights.data.tabular`)::
+``dw_adult`` (:mod:`dataweights.data.sources.adult`)::
 
   {"row": int64, <numeric columns>: int64, <categorical columns>: Text,
    "income": ClassLabel(["<=50K", ">50K"]),
@@ -33,34 +37,32 @@ corrupt file (or a missing manifest, i.e. an interrupted build) prints a
 clear message, deletes the version directory and rebuilds, so a partial
 data set is never read.
 
-Reading (any process, no TF)::
+Reading (any process, no TF), with :mod:`dataweights.data.prepared`::
 
-  src = load_source("dw_text_domains", "train")      # tfds data source
+  src = prepared.load_source("dw_text_domains", "train")   # tfds data source
   src[0]  # {"text": b"...", "domain": 3, "doc_id": 17}
-  idx = domain_indices("dw_text_domains", "train")   # {"fiction": array}
+  idx = prepared.domain_indices("dw_text_domains", "train")  # {"fiction": array}
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import tensorflow_datasets as tfds
 
 from dataweights.configs import data as data_config
-from dataweights.data import digits as digits_lib
-from dataweights.data import fetch, sources, tabular
+from dataweights.data.sources import adult, fetch, text
+from dataweights.data.sources import digits as digits_lib
 
 VERSION = "1.0.0"
 MANIFEST = "dw_manifest.json"
@@ -111,7 +113,7 @@ class _DwBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class DwTextDomains(_DwBuilder):
-  """Normalised English text domains plus natural noise sources."""
+  """Normalised English text domains plus natural noise text."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -120,7 +122,7 @@ class DwTextDomains(_DwBuilder):
       features=tfds.features.FeaturesDict(
         {
           "text": tfds.features.Text(),
-          "domain": tfds.features.ClassLabel(names=list(sources.DOMAIN_NAMES)),
+          "domain": tfds.features.ClassLabel(names=list(text.DOMAIN_NAMES)),
           "doc_id": tfds.features.Scalar(dtype=np.int64),
         }
       ),
@@ -130,15 +132,15 @@ class DwTextDomains(_DwBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.options.config
-    per_split: dict[str, list[sources.TextExample]] = {s: [] for s in SPLITS}
+    per_split: dict[str, list[text.TextExample]] = {s: [] for s in SPLITS}
     seen: set[str] = set()  # no chunk in two domains
-    it = sources.TEXT_DOMAINS
+    it = text.TEXT_DOMAINS
     if self.options.progress:
       from tqdm.auto import tqdm
 
       it = tqdm(it, desc="dw_text_domains: domains", unit="domain")
     for dom in it:
-      ex = sources.domain_examples(
+      ex = text.domain_examples(
         dom.name,
         self._archive(dom.package),
         bytes_per_domain=cfg.text_bytes_per_domain,
@@ -147,7 +149,7 @@ class DwTextDomains(_DwBuilder):
         seed=cfg.seed,
         seen=seen,
       )
-      for s, exs in sources.split_groups(
+      for s, exs in text.split_groups(
         ex, cfg.text_split_fractions, cfg.seed
       ).items():
         per_split[s].extend(exs)
@@ -194,7 +196,7 @@ class DwDigits(_DwBuilder):
     xu, yu = digits_lib.read_uci_from(self._archive("scikit-learn"))
     doms = {"mnist": (digits_lib.mnist_to_uci_grid(xm), ym), "uci": (xu, yu)}
     assign = {
-      d: tabular.split_assignment(y, seed=self.options.config.seed)
+      d: adult.split_assignment(y, seed=self.options.config.seed)
       for d, (_, y) in doms.items()
     }
     return {
@@ -215,7 +217,7 @@ ADULT_DOMAINS: tuple[str, ...] = (
   "Private",
   "Self-emp-not-inc",
   "Local-gov",
-  tabular.OTHER,
+  adult.OTHER,
   "State-gov",
   "Self-emp-inc",
   "Federal-gov",
@@ -228,7 +230,7 @@ class DwAdult(_DwBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,
-      description="UCI Adult with workclass domains (dataweights.data.tabular).",
+      description="UCI Adult with workclass domains (dataweights.data.sources.adult).",
       features=tfds.features.FeaturesDict(
         {
           "row": tfds.features.Scalar(dtype=np.int64),
@@ -241,14 +243,14 @@ class DwAdult(_DwBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    raw = fetch.read_member(self._archive("mglearn"), tabular.ADULT_MEMBER)
+    raw = fetch.read_member(self._archive("mglearn"), adult.ADULT_MEMBER)
     lines = [ln for ln in raw.decode("utf-8").splitlines() if ln.strip()]
-    df = tabular.parse_adult(raw)
+    df = adult.parse_adult(raw)
     if len(df) != len(lines):
       raise DataIntegrityError(
         f"adult.data: {len(lines)} lines but {len(df)} parsed rows"
       )
-    mapping = tabular.domain_groups(
+    mapping = adult.domain_groups(
       df["workclass"].to_numpy(), ADULT_DOMAINS_MIN_SIZE
     )
     unknown = sorted(set(mapping.values()) - set(ADULT_DOMAINS))
@@ -256,7 +258,7 @@ class DwAdult(_DwBuilder):
       raise DataIntegrityError(
         f"adult.data has unexpected workclasses {unknown}"
       )
-    split_M = tabular.split_assignment(
+    split_M = adult.split_assignment(
       df["workclass"].to_numpy(), seed=self.options.config.seed
     )
     domain_M = [mapping[v] for v in df["workclass"]]
@@ -414,7 +416,7 @@ def build(
   tmp = vdir / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
   os.replace(tmp, vdir / MANIFEST)
-  _verified.cache_clear()
+  verified.cache_clear()
   return summary
 
 
@@ -450,171 +452,7 @@ def ensure_prepared(
 
 
 @functools.lru_cache(maxsize=32)
-def _verified(name: str, root: str, stamp: float) -> None:
+def verified(name: str, root: str, stamp: float) -> None:
+  """Verifies (or builds) ``name`` once per manifest version (``stamp``)."""
   del stamp
   ensure_prepared(name, root)
-
-
-def load_source(
-  name: str,
-  split: str,
-  data_dir: str | os.PathLike[str] | None = None,
-):
-  """``tfds.data_source`` of a prepared data set (built/repaired if needed).
-
-  Args:
-    name: one of :data:`DATASETS`.
-    split: ``train``, ``validation`` or ``test`` (TFDS slicing such as
-      ``train[:10%]`` is also accepted).
-    data_dir: data directory.
-
-  Returns:
-    A random-access source of dicts (see the module docstring).
-
-  Raises:
-    ValueError: unknown data set or split.
-  """
-  check_name(name)
-  base = split.split("[")[0]
-  if base not in SPLITS:
-    raise ValueError(
-      f"unknown split {split!r}; allowed splits are {', '.join(SPLITS)}"
-    )
-  root = fetch.data_dir(data_dir)
-  man = version_dir(name, root) / MANIFEST
-  stamp = man.stat().st_mtime if man.exists() else -1.0
-  _verified(name, str(root), stamp)
-  return tfds.data_source(name, data_dir=str(root), split=split)
-
-
-def domain_names(name: str) -> tuple[str, ...]:
-  """ClassLabel names of the ``domain`` feature of data set ``name``."""
-  check_name(name)
-  return {
-    "dw_text_domains": sources.DOMAIN_NAMES,
-    "dw_digits": digits_lib.DIGIT_DOMAINS,
-    "dw_adult": ADULT_DOMAINS,
-  }[name]
-
-
-def _column(src, key: str) -> np.ndarray:
-  n = len(src)
-  if n == 0:
-    return np.zeros(0, np.int64)
-  recs = src.__getitems__(list(range(n)))
-  return np.array([r[key] for r in recs])
-
-
-def check_domains(name: str, domains: Sequence[str] | None = None) -> tuple[str, ...]:
-  """The requested domains of data set ``name`` (all if ``None``), validated.
-
-  Raises:
-    ValueError: unknown data set or domain, naming the known domains.
-  """
-  names = domain_names(name)
-  wanted = tuple(names) if domains is None else tuple(domains)
-  bad = [d for d in wanted if d not in names]
-  if bad:
-    raise ValueError(
-      f"unknown domain(s) {bad} for {name}; known domains are "
-      + ", ".join(names)
-    )
-  return wanted
-
-
-def domain_indices(
-  name: str,
-  split: str,
-  data_dir: str | os.PathLike[str] | None = None,
-  domains: Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
-  """Record indices of each domain in one split (for per-domain sampling).
-
-  Args:
-    name: data set name.
-    split: split name.
-    data_dir: data directory.
-    domains: restrict to these domain names (default: all).
-
-  Returns:
-    ``{domain name: int64 sorted indices into load_source(name, split)}``.
-
-  Raises:
-    ValueError: unknown data set, split or domain.
-  """
-  names = domain_names(name)
-  wanted = check_domains(name, domains)
-  dom_M = _column(load_source(name, split, data_dir), "domain")
-  return {d: np.flatnonzero(dom_M == names.index(d)) for d in wanted}
-
-
-def _records(name: str, split: str, data_dir) -> list[dict[str, Any]]:
-  src = load_source(name, split, data_dir)
-  return src.__getitems__(list(range(len(src)))) if len(src) else []
-
-
-def _str(v: Any) -> str:
-  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
-def adult_table(data_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
-  """The raw Adult table from ``dw_adult`` with a ``split`` column, in
-  original row order (what :func:`dataweights.data.tabular.load_adult`
-  uses)."""
-  root = fetch.data_dir(data_dir)
-  ensure_prepared("dw_adult", root)
-  man = version_dir("dw_adult", root) / MANIFEST
-  return _adult_table_cached(str(root), man.stat().st_mtime).copy()
-
-
-@functools.lru_cache(maxsize=4)
-def _adult_table_cached(data_dir: str, stamp: float) -> pd.DataFrame:
-  del stamp
-  rows: list[tuple[int, str, int]] = []
-  for k, split in enumerate(SPLITS):
-    for r in _records("dw_adult", split, data_dir):
-      rows.append((int(r["row"]), _str(r["line"]), k))
-  rows.sort()
-  if [r[0] for r in rows] != list(range(len(rows))):
-    raise DataIntegrityError("dw_adult: row ids are not 0..M-1")
-  df = tabular.parse_adult("\n".join(r[1] for r in rows).encode("utf-8"))
-  df["split"] = np.array([r[2] for r in rows], np.int8)
-  return df
-
-
-def digits_arrays(
-  data_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, dict[str, np.ndarray]]:
-  """``dw_digits`` splits as arrays, ordered by (domain, source index)."""
-  out = {}
-  for split in SPLITS:
-    recs = _records("dw_digits", split, data_dir)
-    order = sorted(
-      range(len(recs)),
-      key=lambda i: (int(recs[i]["domain"]), int(recs[i]["index"])),
-    )
-    out[split] = {
-      "x_MxHxW": np.stack([recs[i]["image"] for i in order]).astype(np.uint8),
-      "y_M": np.array([recs[i]["label"] for i in order], np.int32),
-      "domain_M": np.array([recs[i]["domain"] for i in order], np.int32),
-    }
-  return out
-
-
-def text_split(
-  split: str,
-  data_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-  """All of one ``dw_text_domains`` split in memory: ``{"text": [str],
-  "domain_M": int32, "doc_id_M": int64}``."""
-  recs = _records("dw_text_domains", split, data_dir)
-  return {
-    "text": [_str(r["text"]) for r in recs],
-    "domain_M": np.array([r["domain"] for r in recs], np.int32),
-    "doc_id_M": np.array([r["doc_id"] for r in recs], np.int64),
-  }
-
-
-def hash_text(text: str) -> str:
-  """Short content hash used by the overlap checks."""
-  return hashlib.sha1(text.encode()).hexdigest()[:16]

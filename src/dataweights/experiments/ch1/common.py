@@ -65,7 +65,7 @@ def outer_rate(q: Any, beta: float, w0_K: Any, rounds: int = 4000,
   − Φ*)`` against r where the excess lies in ``band``: ``κ`` is minus the
   slope. Float64 numpy.
   """
-  from dataweights.data import synthetic as syn
+  from dataweights.methods import synthetic as syn
 
   g_star = syn.bilevel_optimum(q)["val"]
   w = np.asarray(w0_K, np.float64)

@@ -1,6 +1,6 @@
 """Table: the three hypergradients agree (Prop. 4.1 forward == reverse == FD).
 
-On the 3-domain quadratic of :func:`dataweights.data.synthetic.sweep_quadratic`
+On the 3-domain quadratic of :func:`dataweights.methods.synthetic.sweep_quadratic`
 at a random starting point and random weights: forward mode
 (Proposition 4.1), reverse mode and float64 central finite differences of
 ``w ↦ g(θ_T(w))`` for several T, and, at ``θ = θ*(w)``, the implicit
@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.data import synthetic as syn
-from dataweights.experiments.ch1_common import fmt_table, r
+from dataweights.experiments.ch1.common import fmt_table, r
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel
+from dataweights.methods import synthetic as syn
 
 
 def _theta_T(q: syn.QuadraticDomains, theta_D, w_K, lr: float, T: int) -> np.ndarray:
@@ -146,6 +146,8 @@ register(Published(
   chapter="ch1_mixing",
   run=run,
   make_config=mixing_configs.HypergradCheckConfig,
+  config=mixing_configs.hypergrad_check,
+  summary=summary,
   plot=None,
   rtol=1e-4,
   atol=1e-6,

