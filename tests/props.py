@@ -5,10 +5,10 @@ either work or raise the project's documented error type with the field or
 argument named; never a raw TypeError/IndexError from deep inside a
 library, never NaN output from finite input.
 
-Settings: the ``dataweights`` hypothesis profile (tests/conftest.py) is
-deterministic with no example database; each test sets a modest
-``max_examples`` through :func:`examples`, scaled by 10 under
-``HYPOTHESIS_PROFILE=explore``.
+Settings: no example database and no deadline (the profiles in
+tests/conftest.py); each test sets a modest ``max_examples`` through
+:func:`examples`, derandomized so that CI runs the same cases every time;
+under ``HYPOTHESIS_PROFILE=explore`` the cases are random and 10x as many.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from __future__ import annotations
 import math
 import os
 
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 
 SCALE = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "explore" else 1
 
 
 def examples(n: int) -> settings:
-  """Settings with ``n`` examples (x10 under the explore profile)."""
-  return settings(max_examples=n * SCALE)
+  """``n`` derandomized examples; x10 random ones under the explore profile."""
+  return settings(max_examples=n * SCALE, derandomize=SCALE == 1)
 
 
 # Strings some fields accept, so random choices sometimes hit valid ones.
@@ -230,3 +230,28 @@ def conforms(value, annotation: str) -> bool:
     ),
   }
   return checks[annotation](value)
+
+
+@st.composite
+def faulty_args(draw, valid: dict, bad: dict, max_faults: int = 2):
+  """Keyword arguments drawn valid, then up to ``max_faults`` of them bad.
+
+  Returns:
+    ``(kwargs, faulty)``: the arguments and the names made bad. Drawing
+    every argument from ``valid | bad`` would make almost every case an
+    error; this way most cases run (shrinking goes to no fault) and each
+    fault is attributable.
+  """
+  kwargs = {k: draw(v, label=k) for k, v in valid.items()}
+  faulty = draw(
+    st.lists(st.sampled_from(sorted(bad)), max_size=max_faults, unique=True),
+    label="faulty",
+  )
+  for k in faulty:
+    kwargs[k] = draw(bad[k], label=f"bad {k}")
+  return kwargs, faulty
+
+
+def outcome(kind: str) -> None:
+  """Records how a case ended (counted in --hypothesis-show-statistics)."""
+  event(f"outcome: {kind}")

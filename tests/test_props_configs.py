@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from dataweights.configs import data, lm, mixing, run, train
 from dataweights.configs.base import PROFILES, ConfigError
 from dataweights.data import pipeline
-from props import anything, conforms, examples, value_for
+from props import anything, conforms, examples, outcome, value_for
 
 FACTORIES = {
   "data": (data.data, data.DataConfig),
@@ -64,10 +64,12 @@ def _check(name, overrides, profile):
   try:
     cfg = factory(profile, **overrides)
   except ConfigError as e:
+    outcome("ConfigError")
     assert any(k in str(e) for k in overrides), (
       f"error names none of {sorted(overrides)}: {e}"
     )
     return
+  outcome("accepted")
   bad = {
     k: getattr(cfg, k)
     for k, ann in fields.items()
@@ -155,9 +157,11 @@ def test_run_config_validates_or_names_the_field(data):
   try:
     cfg = run.run(profile, **overrides)
   except ConfigError as e:
+    outcome("ConfigError")
     named = [f for fields in overrides.values() for f in fields]
     assert any(f in str(e) for f in named), f"names none of {named}: {e}"
     return
+  outcome("accepted")
   for part, cls in PARTS.items():
     sub = getattr(cfg, part)
     for k, ann in _fields(cls).items():

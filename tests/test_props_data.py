@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from dataweights.configs.base import ConfigError
 from dataweights.data import mixture, pipeline, tokenize
 from dataweights.data.pipeline import DomainSource
-from props import anything, examples
+from props import anything, examples, faulty_args, outcome
 
 V = tokenize.VOCAB_SIZE
 documents = st.one_of(
@@ -41,10 +41,12 @@ def test_encode_roundtrips_or_refuses_the_type(value):
   try:
     raw = tokenize.to_bytes(value)
   except TypeError as e:
+    outcome("TypeError")
     assert "allowed are bytes, str" in str(e)
     with pytest.raises(TypeError, match="allowed are"):
       tokenize.encode(value)
     return
+  outcome("encoded")
   ids = tokenize.encode(value)
   assert ids.dtype == np.int32 and ids[0] == tokenize.BOS_ID
   assert ids[-1] == tokenize.EOS_ID and ((ids >= 0) & (ids < V)).all()
@@ -59,8 +61,10 @@ def test_decode_and_split_return_bytes_or_name_the_id(tokens):
     try:
       out = fn(tokens)
     except ValueError as e:
+      outcome(f"{fn.__name__}: ValueError")
       assert "token id" in str(e), str(e)
       continue
+    outcome(f"{fn.__name__}: ok")
     assert isinstance(out, bytes) or all(isinstance(d, bytes) for d in out)
 
 
@@ -85,6 +89,7 @@ def test_pack_documents_keeps_every_token_or_names_the_argument(
   try:
     tokens, mask = pipeline.pack_documents(docs, seq_len, packing)
   except ConfigError as e:
+    outcome("ConfigError")
     assert "seq_len" in str(e) or "packing" in str(e), str(e)
     assert not (
       isinstance(seq_len, int)
@@ -93,6 +98,7 @@ def test_pack_documents_keeps_every_token_or_names_the_argument(
       and packing in pipeline.PACKINGS
     )
     return
+  outcome("packed")
   assert tokens.shape == mask.shape and tokens.shape[1] == seq_len
   assert (tokens[~mask] == tokenize.PAD_ID).all()
   want = np.concatenate([np.zeros(0, np.int32), *docs])
@@ -124,14 +130,18 @@ def test_domain_source_reads_its_records_or_names_the_problem(
     src = DomainSource("d", records, indices, in_memory=in_memory)
     docs = [src[i] for i in range(len(src))]
   except ValueError as e:
+    outcome("ValueError")
     assert "indices" in str(e) or "no documents" in str(e), str(e)
     return
   except KeyError as e:
+    outcome("KeyError")
     assert "'text'" in str(e), str(e)
     return
   except TypeError as e:
+    outcome("TypeError")
     assert "cannot tokenise" in str(e) and "'text'" in str(e), str(e)
     return
+  outcome("read")
   rows = range(len(records)) if indices is None else indices
   want = [
     tokenize.encode(
@@ -160,8 +170,10 @@ def test_group_by_domain_splits_by_integer_labels_or_names_the_record(
   try:
     sources = pipeline.group_by_domain(records, names=names)
   except ValueError as e:
+    outcome("ValueError")
     assert "domain" in str(e) and ("record" in str(e) or "label" in str(e)), e
     return
+  outcome("grouped")
   assert all(
     isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in labels
   )
@@ -201,23 +213,36 @@ def _check_batch(batch, sampler):
 
 @examples(60)
 @given(
-  batch_size=st.integers(-1, 5) | anything,
-  seq_len=st.integers(-1, 9) | anything,
-  seed=st.integers(-1, 5) | anything,
-  packing=st.sampled_from(pipeline.PACKINGS) | anything,
-  w=st.none() | weights,
-)
-def test_sampler_construction_validates_or_names_the_argument(
-  batch_size, seq_len, seed, packing, w
-):
-  args = dict(
-    batch_size=batch_size, seq_len=seq_len, seed=seed, packing=packing
+  case=faulty_args(
+    dict(
+      batch_size=st.integers(1, 5),
+      seq_len=st.integers(1, 9),
+      seed=st.integers(0, 5),
+      stream=st.integers(0, 3),
+      packing=st.sampled_from(pipeline.PACKINGS),
+      weights=st.none()
+      | st.lists(st.floats(0.01, 1e300), min_size=3, max_size=3),
+    ),
+    dict(
+      batch_size=st.integers(-1, 0) | anything,
+      seq_len=st.integers(-1, 0) | anything,
+      seed=st.integers(-3, -1) | anything,
+      stream=st.integers(-3, -1) | anything,
+      packing=anything,
+      weights=weights,
+    ),
   )
+)
+def test_sampler_construction_validates_or_names_the_argument(case):
+  kwargs, faulty = case
   try:
-    s = mixture.MixtureSampler(DOMAINS, weights=w, **args)
+    s = mixture.MixtureSampler(DOMAINS, **kwargs)
   except ValueError as e:
-    assert any(k in str(e) for k in [*args, "weights"]), str(e)
+    outcome("ValueError")
+    assert any(k in str(e) for k in kwargs), str(e)
+    assert faulty, str(e)
     return
+  outcome("sampler")
   assert np.isclose(s.weights.sum(), 1) and (s.weights >= 0).all()
   _check_batch(s.next_batch(), s)
 
@@ -231,9 +256,11 @@ def test_next_batch_weights_validate_or_name_weights(w, steps):
     for _ in range(steps):
       _check_batch(s.next_batch(w), s)
   except ValueError as e:
+    outcome("ValueError")
     assert "weight" in str(e), str(e)
     assert s.get_state() == before  # left unchanged
     return
+  outcome("batches")
   w_K = s.weights
   assert np.isfinite(w_K).all() and np.isclose(w_K.sum(), 1) and w_K.max() > 0
 
@@ -263,8 +290,10 @@ def test_set_state_of_corrupted_state_names_the_field(path, value, data):
   try:
     t.set_state(state)
   except ValueError as e:
+    outcome("ValueError")
     assert key in str(e) or (key == "weights" and "weight" in str(e)), str(e)
     return
+  outcome("restored")
   _check_batch(t.next_batch(), t)
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from dataweights.methods import bilevel, mixing, simplex
 from dataweights.methods.mixing import MixingError, NonFiniteHypergradientError
-from props import anything, examples
+from props import anything, examples, faulty_args, outcome
 
 F32_MAX = float(np.finfo(np.float32).max)
 f32 = st.floats(-F32_MAX, F32_MAX, width=32)
@@ -97,8 +97,10 @@ def test_check_simplex_and_bad_step_sizes_raise_simplex_error(w, beta):
   try:
     out = simplex.check_simplex(w)
   except simplex.SimplexError as e:
+    outcome("check_simplex: SimplexError")
     assert "weights" in str(e)
   else:
+    outcome("check_simplex: accepted")
     assert _on_simplex(out)
   try:
     simplex.eg_update(jnp.ones(2) / 2, jnp.zeros(2), beta)
@@ -117,33 +119,46 @@ PROBLEM = bilevel.MixingProblem(
 P0 = jnp.zeros(2)
 
 
-@pytest.mark.slow
-@examples(30)
-@given(
-  T=st.integers(0, 3) | anything,
-  N=st.integers(0, 6) | anything,
-  lr=st.floats(1e-3, 3.0) | anything,
-  beta=st.floats(1e-3, 1e3) | anything,
-  outer=st.sampled_from(["eg", "pgd"]) | anything,
-  hypergrad=st.sampled_from(["forward", "reverse"]) | anything,
-  w0=st.sampled_from([[1 / 3] * 3, [1.0, 0.0, 0.0], [0.5, 0.5]])
-  | st.lists(st.floats(-1, 2), max_size=4)
-  | anything,
+MIXING_VALID = dict(
+  T=st.integers(1, 3),
+  N=st.integers(3, 7),
+  lr=st.floats(1e-3, 1.5),
+  beta=st.floats(1e-3, 1e3),
+  outer=st.sampled_from(["eg", "pgd"]),
+  hypergrad=st.sampled_from(["forward", "reverse"]),
+  w0_K=st.sampled_from([[1 / 3] * 3, [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]]),
   normalize=st.booleans(),
 )
-def test_run_mixing_finite_or_names_the_argument(
-  T, N, lr, beta, outer, hypergrad, w0, normalize
-):
-  args = dict(T=T, N=N, lr=lr, beta=beta, outer=outer, hypergrad=hypergrad)
+MIXING_BAD = dict(
+  T=st.integers(-1, 0) | anything,
+  N=st.integers(-1, 0) | anything,
+  lr=st.floats(-1, 0) | st.floats(10, 1e30) | anything,
+  beta=st.floats(-1, 0) | anything,
+  outer=anything,
+  hypergrad=anything,
+  w0_K=st.lists(st.floats(-1, 2), max_size=4) | anything,
+)
+
+
+@pytest.mark.slow
+@examples(40)
+@given(case=faulty_args(MIXING_VALID, MIXING_BAD))
+def test_run_mixing_finite_or_names_the_argument(case):
+  kwargs, faulty = case
+  w0_K = kwargs.pop("w0_K")
   try:
-    trace = mixing.run_mixing(PROBLEM, P0, w0, normalize=normalize, **args)
+    trace = mixing.run_mixing(PROBLEM, P0, w0_K, **kwargs)
   except MixingError as e:
-    assert any(k in str(e) for k in [*args, "w0_K"]), str(e)
+    outcome("MixingError")
+    assert any(k in str(e) for k in [*kwargs, "w0_K"]), str(e)
+    assert faulty, (kwargs, w0_K, str(e))
     return
   except NonFiniteHypergradientError as e:
+    outcome("NonFiniteHypergradientError")
     assert "beta" in str(e) and "lr" in str(e)
     return
-  R = N // T
+  outcome("finite trace")
+  R = kwargs["N"] // kwargs["T"]
   assert trace.w_RxK.shape == (R + 1, 3) and trace.h_RxK.shape == (R, 3)
   for w in np.asarray(trace.w_RxK):
     assert _on_simplex(w, atol=1e-4)
@@ -152,19 +167,32 @@ def test_run_mixing_finite_or_names_the_argument(
 
 @examples(30)
 @given(
-  N=st.integers(0, 6) | anything,
-  lr=st.floats(1e-3, 1.0) | anything,
-  w=st.sampled_from([[1 / 3] * 3, [0.2, 0.3, 0.5]]) | anything,
-  every=st.none() | st.integers(0, 3) | anything,
+  case=faulty_args(
+    dict(
+      N=st.integers(1, 6),
+      lr=st.floats(1e-3, 1.0),
+      w_K=st.sampled_from([[1 / 3] * 3, [0.2, 0.3, 0.5]]),
+      eval_every=st.none() | st.just(1),
+    ),
+    dict(
+      N=st.integers(-1, 0) | anything,
+      lr=st.floats(-1, 0) | anything,
+      w_K=st.lists(st.floats(-1, 2), max_size=4) | anything,
+      eval_every=st.integers(-1, 4) | anything,
+    ),
+  )
 )
-def test_train_fixed_finite_or_names_the_argument(N, lr, w, every):
+def test_train_fixed_finite_or_names_the_argument(case):
+  kwargs, faulty = case
+  w_K = kwargs.pop("w_K")
   try:
-    params, val = mixing.train_fixed(
-      PROBLEM, P0, w, lr=lr, N=N, eval_every=every
-    )
+    params, val = mixing.train_fixed(PROBLEM, P0, w_K, **kwargs)
   except MixingError as e:
+    outcome("MixingError")
     assert any(k in str(e) for k in ("N", "lr", "w_K", "eval_every")), str(e)
+    assert faulty, str(e)
     return
+  outcome("finite")
   assert np.isfinite(np.asarray(params)).all()
   assert np.isfinite(np.asarray(val)).all()
 
@@ -177,14 +205,18 @@ def test_weight_baselines_or_mixing_error(k, counts):
   try:
     w = mixing.uniform_weights(k)
   except MixingError as e:
+    outcome("uniform_weights: MixingError")
     assert "K" in str(e)
   else:
+    outcome("uniform_weights: ok")
     assert _on_simplex(w)
   try:
     w = mixing.natural_weights(counts)
   except MixingError as e:
+    outcome("natural_weights: MixingError")
     assert "counts_K" in str(e)
   else:
+    outcome("natural_weights: ok")
     assert _on_simplex(w)
 
 

@@ -37,7 +37,7 @@ from dataweights.configs.base import ConfigError
 from dataweights.models import gpt2
 from dataweights.models import transformer as tr
 from dataweights.models.ids import TokenIdError
-from props import anything, examples, json_values
+from props import anything, examples, json_values, outcome
 
 F32_MAX = float(np.finfo(np.float32).max)
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "gpt2_hf" / "a"
@@ -66,24 +66,32 @@ def model_configs(draw):
 
 
 @pytest.mark.slow
-@examples(25)
+@examples(30)
 @given(cfg=model_configs(), data=st.data())
 def test_model_call_is_finite_or_names_the_argument(cfg, data):
   model = tr.Transformer(cfg, rngs=nnx.Rngs(data.draw(st.integers(0, 3))))
   b = data.draw(st.integers(0, 3), label="B")
-  length = data.draw(st.integers(0, cfg.max_len + 2), label="L")
   v = cfg.vocab_size
+  fault = data.draw(
+    st.sampled_from([None] * 4 + ["bad id", "too long", "empty"]),
+    label="fault",
+  )
+  if fault == "too long":
+    length = cfg.max_len + 1 + data.draw(st.integers(0, 2), label="extra")
+  elif fault == "empty":
+    length = 0
+  else:
+    length = data.draw(st.integers(1, cfg.max_len), label="L")
   tokens = np.asarray(
     data.draw(
-      st.lists(
-        st.lists(st.integers(-2, v + 1), min_size=length, max_size=length),
-        min_size=b,
-        max_size=b,
-      ),
+      st.lists(st.integers(0, v - 1), min_size=b * length, max_size=b * length),
       label="tokens",
     ),
     np.int32,
   ).reshape(b, length)
+  if fault == "bad id" and tokens.size:
+    i = data.draw(st.integers(0, tokens.size - 1))
+    tokens.reshape(-1)[i] = data.draw(st.sampled_from([-2, -1, v, v + 1]))
   mask = data.draw(
     st.none()
     | st.lists(st.booleans(), min_size=b * length, max_size=b * length).map(
@@ -95,13 +103,17 @@ def test_model_call_is_finite_or_names_the_argument(cfg, data):
   try:
     logits = model(tokens, mask_BxL=mask, dropout_key=key)
   except TokenIdError as e:
+    outcome("TokenIdError")
     assert "tokens_BxL" in str(e) and f"vocab_size = {v}" in str(e)
     assert ((tokens < 0) | (tokens >= v)).any()
     return
   except ValueError as e:
+    outcome("ValueError")
     assert "tokens_BxL" in str(e) or "max_len" in str(e), str(e)
     assert length == 0 or length > cfg.max_len
     return
+  outcome("finite logits")
+  assert fault in (None, "bad id") and not ((tokens < 0) | (tokens >= v)).any()
   assert logits.shape == (b, length, v) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
   if b and length >= 2 and ((tokens >= 0) & (tokens < v)).all():
@@ -131,9 +143,11 @@ def test_per_token_loss_finite_or_bad_target(logits, data):
   try:
     loss = tr.per_token_loss(logits_BxLxV, targets)
   except TokenIdError as e:
+    outcome("TokenIdError")
     assert "targets_BxL" in str(e) and f"vocab_size = {v}" in str(e)
     return
   loss = np.asarray(loss)
+  outcome("finite" if np.isfinite(loss).all() else "inf (loss beyond float32)")
   assert not np.isnan(loss).any() and (loss >= 0).all()
   # The loss is at most max - min of the logits: finite when that is.
   if float(logits.max()) - float(logits.min()) < F32_MAX:
@@ -176,13 +190,16 @@ def test_corrupted_tensors_load_or_name_the_key(case, heads):
     cfg = gpt2.config_from_tensors(tensors, heads)
     model = gpt2.load_gpt2_tensors(tensors, cfg)
   except gpt2.CheckpointError as e:
+    outcome(f"{what}: CheckpointError")
     msg = str(e)
     named = [k for k in set(tensors) | set(_BASE) if repr(k) in msg]
     assert named or "num_heads" in msg or "h.<i>" in msg, msg
     return
   except ConfigError as e:
+    outcome(f"{what}: ConfigError")
     assert "num_heads" in str(e) or "d_model" in str(e), str(e)
     return
+  outcome(f"{what}: loaded")
   assert what in ("dtype", "add") or heads == 2
   assert model.cfg.num_heads == heads
 
@@ -208,11 +225,14 @@ def test_random_config_json_loads_or_names_the_field(field, value, drop):
   try:
     cfg = gpt2.gpt2_config_from_checkpoint(_TMP / "model.safetensors")
   except gpt2.CheckpointError as e:
+    outcome(f"{gpt2.HF_FIELDS.get(field, 'unknown')} field: CheckpointError")
     assert field in str(e) or repr(field) in str(e), str(e)
     return
   except ConfigError as e:  # a valid n_head that does not divide n_embd
+    outcome("n_head: ConfigError")
     assert field == "n_head" and "num_heads" in str(e), str(e)
     return
+  outcome(f"{gpt2.HF_FIELDS.get(field, 'unknown')} field: loaded")
   want = _BASE_CFG
   if not drop and field == "n_head":
     want = dataclasses.replace(want, num_heads=value)

@@ -165,7 +165,7 @@ def lm_model(
     ConfigError: unknown profile, size or field, or an invalid value.
   """
   if size is not None:
-    if size not in SIZES:
+    if not isinstance(size, str) or size not in SIZES:
       raise ConfigError(
         f"unknown model size {size!r}; allowed sizes are "
         + ", ".join(repr(s) for s in SIZES)

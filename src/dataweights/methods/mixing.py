@@ -386,7 +386,7 @@ def run_mixing(
     )
   _check_pos("lr", lr)
   _check_pos("beta", beta)
-  if outer not in OUTER_UPDATES:
+  if not isinstance(outer, str) or outer not in OUTER_UPDATES:
     raise MixingError(
       f"outer = {outer!r} is invalid; allowed: {tuple(OUTER_UPDATES)}"
     )
@@ -731,7 +731,7 @@ def run_mixing_schedule(
       if not np.all(np.isfinite(v)) or np.any(v < low):
         raise MixingError(
           f"{name} = {value!r} is invalid; it must be a finite number >= {low:g}")
-  if outer not in OUTER_UPDATES:
+  if not isinstance(outer, str) or outer not in OUTER_UPDATES:
     raise MixingError(
       f"outer = {outer!r} is invalid; allowed: {tuple(OUTER_UPDATES)}")
   w0_K = _check_weights("w0_K", w0_K)
