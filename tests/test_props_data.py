@@ -80,23 +80,23 @@ encoded_docs = st.lists(
 
 @examples(60)
 @given(
-  docs=encoded_docs, seq_len=st.integers(-1, 12) | anything, packing=anything
+  docs=encoded_docs,
+  case=faulty_args(
+    dict(
+      seq_len=st.integers(1, 12), packing=st.sampled_from(pipeline.PACKINGS)
+    ),
+    dict(seq_len=st.integers(-1, 0) | anything, packing=anything),
+  ),
 )
-def test_pack_documents_keeps_every_token_or_names_the_argument(
-  docs, seq_len, packing
-):
-  packing = packing if isinstance(packing, str) else "pack"
+def test_pack_documents_keeps_every_token_or_names_the_argument(docs, case):
+  kwargs, faulty = case
+  seq_len, packing = kwargs["seq_len"], kwargs["packing"]
   try:
     tokens, mask = pipeline.pack_documents(docs, seq_len, packing)
   except ConfigError as e:
     outcome("ConfigError")
     assert "seq_len" in str(e) or "packing" in str(e), str(e)
-    assert not (
-      isinstance(seq_len, int)
-      and not isinstance(seq_len, bool)
-      and seq_len >= 1
-      and packing in pipeline.PACKINGS
-    )
+    assert faulty, str(e)
     return
   outcome("packed")
   assert tokens.shape == mask.shape and tokens.shape[1] == seq_len
@@ -156,16 +156,19 @@ def test_domain_source_reads_its_records_or_names_the_problem(
 
 @examples(40)
 @given(
-  labels=st.lists(
-    st.integers(-1, 3) | st.floats(-1, 3) | st.booleans() | anything,
-    min_size=1,
-    max_size=6,
+  labels=st.lists(st.integers(0, 3), min_size=1, max_size=6),
+  bad=st.none()
+  | st.tuples(
+    st.integers(0, 5),
+    st.floats(-1, 3) | st.booleans() | st.integers(-3, -1) | anything,
   ),
-  names=st.none() | st.just(["a", "b", "c"]),
+  names=st.none() | st.just(["a", "b", "c", "d"]) | st.just(["a"]),
 )
 def test_group_by_domain_splits_by_integer_labels_or_names_the_record(
-  labels, names
+  labels, bad, names
 ):
+  if bad is not None:
+    labels[bad[0] % len(labels)] = bad[1]
   records = [{"text": f"doc{i}", "domain": lab} for i, lab in enumerate(labels)]
   try:
     sources = pipeline.group_by_domain(records, names=names)
