@@ -13,6 +13,7 @@ manifest and ``prepare`` rebuilds on a mismatch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from dataweights.configs.base import (
@@ -75,7 +76,13 @@ class DataConfig:
     if (
       not isinstance(fr, tuple)
       or len(fr) != 3
-      or min(fr) <= 0
+      or not all(
+        isinstance(f, (int, float))
+        and not isinstance(f, bool)
+        and math.isfinite(f)
+        and f > 0
+        for f in fr
+      )
       or abs(sum(fr) - 1) > 1e-9
     ):
       raise ConfigError(

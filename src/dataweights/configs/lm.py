@@ -31,6 +31,7 @@ from dataweights.configs.base import (
   check_choice,
   check_in_range,
   check_int,
+  check_optional_str,
   check_positive,
   from_profile,
 )
@@ -182,7 +183,7 @@ def lm_model(
     ConfigError: unknown profile, size or field, or an invalid value.
   """
   if size is not None:
-    if size not in SIZES:
+    if not isinstance(size, str) or size not in SIZES:
       raise ConfigError(
         f"unknown model size {size!r}; allowed sizes are "
         + ", ".join(repr(s) for s in SIZES)
@@ -235,6 +236,7 @@ class MeshConfig:
         "axis may take the remaining devices"
       )
     check_choice(self, "distributed", (True, False))
+    check_optional_str(self, "coordinator_address")
     for name in ("num_processes",):
       value = getattr(self, name)
       if value is not None:

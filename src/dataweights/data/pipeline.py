@@ -91,10 +91,37 @@ def _field_encoder(text_key: str) -> Callable[[Any], np.ndarray]:
           f"record has no field {text_key!r}; its fields are "
           + ", ".join(repr(k) for k in record)
         )
-      return tokenize.encode(record[text_key])
-    return tokenize.encode(record)
+      value, what = record[text_key], f"field {text_key!r}"
+    else:
+      value, what = record, f"a raw record (not a dict with {text_key!r})"
+    try:
+      return tokenize.encode(value)
+    except TypeError as e:
+      raise TypeError(f"record {what}: {e}") from e
 
   return encode_record
+
+
+def _check_indices(indices: Any, num_records: int) -> np.ndarray | None:
+  """``indices`` as int64 within ``[0, num_records)``, else ValueError."""
+  if indices is None:
+    return None
+  try:
+    idx = np.asarray(indices)
+  except (TypeError, ValueError):
+    idx = np.asarray([None])
+  ok = idx.ndim == 1 and (
+    idx.size == 0
+    or (np.issubdtype(idx.dtype, np.integer) and idx.dtype != np.bool_)
+  )
+  if ok and idx.size:
+    ok = bool(idx.min() >= 0 and idx.max() < num_records)
+  if not ok:
+    raise ValueError(
+      f"indices {indices!r:.80} are invalid; they must be a 1-D sequence of "
+      f"integers in [0, {num_records}) (the source has {num_records} records)"
+    )
+  return idx.astype(np.int64)
 
 
 class DomainSource:
@@ -112,7 +139,11 @@ class DomainSource:
       access); otherwise read and encode on demand through grain.
 
   Raises:
-    ValueError: the domain has no documents.
+    ValueError: the domain has no documents, or ``indices`` are not
+      integers in ``[0, len(records))`` (a negative index would silently
+      count from the end).
+    KeyError: a record lacks ``text_key`` (naming it and the fields it has).
+    TypeError: a document that cannot be tokenised (naming the field).
   """
 
   def __init__(
@@ -125,7 +156,7 @@ class DomainSource:
     in_memory: bool = True,
   ):
     self.name = str(name)
-    idx = None if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = _check_indices(indices, len(records))
     view = _IndexedView(records, idx)
     if len(view) == 0:
       raise ValueError(f"domain {self.name!r} has no documents")
@@ -180,7 +211,7 @@ def group_by_domain(
 
   Raises:
     KeyError: a record lacks ``domain_key``.
-    ValueError: a label has no name in ``names``.
+    ValueError: a label is not an integer, or has no name in ``names``.
   """
   labels_M = np.empty(len(records), dtype=np.int64)
   for i in range(len(records)):
@@ -190,7 +221,21 @@ def group_by_domain(
         f"record {i} has no field {domain_key!r}; its fields are "
         + ", ".join(repr(k) for k in record)
       )
-    labels_M[i] = int(np.asarray(record[domain_key]))
+    label = record[domain_key]
+    if not isinstance(label, (int, np.integer)) or isinstance(
+      label, (bool, np.bool_)
+    ):
+      label = np.asarray(label) if isinstance(label, np.ndarray) else label
+      if not (
+        isinstance(label, np.ndarray)
+        and label.ndim == 0
+        and np.issubdtype(label.dtype, np.integer)
+      ):
+        raise ValueError(
+          f"record {i} has {domain_key} = {record[domain_key]!r}; domain "
+          "labels must be integers (ClassLabel ids)"
+        )
+    labels_M[i] = int(label)
   if names is None:
     names = _classlabel_names(records, domain_key)
   out = []
@@ -350,14 +395,20 @@ class DomainCursor:
     Raises:
       ValueError: malformed state, naming it.
     """
-    ok = len(state) == 2 and all(
-      isinstance(v, (int, np.integer)) and v >= 0 for v in state
+    ok = (
+      isinstance(state, Sequence)
+      and not isinstance(state, (str, bytes))
+      and len(state) == 2
+      and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+        for v in state
+      )
     )
     if ok:
       ok = int(state[1]) < len(self.document(int(state[0])))
     if not ok:
       raise ValueError(
-        f"cursor state {list(state)!r} of domain {self.source.name!r} is "
+        f"cursor state {state!r} of domain {self.source.name!r} is "
         "invalid; it must be [docs_done >= 0, 0 <= offset < document length]"
       )
     self.docs_done, self.offset = int(state[0]), int(state[1])
@@ -385,7 +436,7 @@ def pack_documents(
       f"packing = {packing!r} is invalid; allowed values are "
       + ", ".join(repr(p) for p in PACKINGS)
     )
-  if not isinstance(seq_len, int) or seq_len < 1:
+  if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
     raise ConfigError(
       f"seq_len = {seq_len!r} is invalid; it must be an int >= 1"
     )

@@ -71,10 +71,13 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 
 from dataweights.configs.lm import BATCH_MESH_AXES, ModelConfig
+from dataweights.models.ids import TokenIdError as TokenIdError
+from dataweights.models.ids import check_token_ids
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -555,13 +558,21 @@ class Transformer(nnx.Module):
       logits_BxLxV in float32, whatever the compute dtype.
 
     Raises:
-      ValueError: wrong rank, or sequence longer than ``max_len``.
+      ValueError: wrong rank, empty sequence, or sequence longer than
+        ``max_len``.
+      TokenIdError: a non-integer id array, or an id outside
+        ``[0, vocab_size)`` (under ``jit``: when the computation runs, see
+        :mod:`dataweights.models.ids`).
     """
     cfg = self.cfg
-    if tokens_BxL.ndim != 2:
+    if not hasattr(tokens_BxL, "ndim"):
+      tokens_BxL = np.asarray(tokens_BxL)
+    if tokens_BxL.ndim != 2 or tokens_BxL.shape[1] == 0:
       raise ValueError(
-        f"tokens must have shape (batch, length); got {tokens_BxL.shape}"
+        "tokens_BxL must have shape (batch, length) with length >= 1; got "
+        f"{tokens_BxL.shape}"
       )
+    check_token_ids(tokens_BxL, cfg.vocab_size, "tokens_BxL")
     length = tokens_BxL.shape[1]
     if length > cfg.max_len:
       raise ValueError(
@@ -651,12 +662,17 @@ def per_token_loss(
 
   Args:
     logits_BxLxV: unnormalised log-probabilities.
-    targets_BxL: integer ids.
+    targets_BxL: integer ids in ``[0, V)``.
     mask_BxL: optional weights (1 = count the token, 0 = ignore).
 
   Returns:
     loss_BxL in float32 (nats).
+
+  Raises:
+    TokenIdError: a target outside ``[0, V)`` (see
+      :mod:`dataweights.models.ids`).
   """
+  check_token_ids(targets_BxL, logits_BxLxV.shape[-1], "targets_BxL")
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   loss_BxL = -jnp.take_along_axis(
     logp_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
@@ -673,7 +689,10 @@ def per_example_loss(
 ) -> jax.Array:
   """Mean cross-entropy over each example's unmasked tokens.
 
-  An example with no unmasked token gets loss 0 (safe denominator).
+  ``mask_BxL`` weights the targets as given (aligned with ``targets_BxL``);
+  for next-token prediction under padding build it with
+  :func:`next_token_mask`. An example with no unmasked token gets loss 0
+  (safe denominator).
 
   Returns:
     loss_B in float32 (nats per token).
@@ -685,6 +704,26 @@ def per_example_loss(
   return loss_BxL.sum(-1) / jnp.maximum(count_B, 1.0)
 
 
+def next_token_mask(mask_BxL: jax.Array) -> jax.Array:
+  """Weights of the ``L - 1`` next-token predictions of a padded batch.
+
+  Prediction ``t`` reads position ``t`` and predicts token ``t + 1``; it
+  counts only when both are real tokens: ``mask[:, 1:] * (mask[:, :-1] !=
+  0)``. Under left padding this drops the prediction of the first real
+  token from a pad position (``mask[:, 1:]`` alone would count it); under
+  right padding it equals ``mask[:, 1:]``.
+
+  Args:
+    mask_BxL: padding mask or weights (non-zero at real tokens).
+
+  Returns:
+    float32 weights, shape ``(B, L - 1)``.
+  """
+  mask_BxL = jnp.asarray(mask_BxL)
+  real_in_BxL1 = (mask_BxL[:, :-1] != 0).astype(jnp.float32)
+  return mask_BxL[:, 1:].astype(jnp.float32) * real_in_BxL1
+
+
 def next_token_loss(
   model: Transformer,
   tokens_BxL: jax.Array,
@@ -694,12 +733,15 @@ def next_token_loss(
 ) -> jax.Array:
   """Per-example language-modelling loss: predict ``tokens[:, 1:]``.
 
-  The model reads ``tokens[:, :-1]``; the loss averages over target
-  positions whose mask is set (``mask[:, 1:]``).
+  The model reads ``tokens[:, :-1]`` (attending only to real tokens when a
+  mask is given); the loss averages over the predictions whose input and
+  target are both real tokens (:func:`next_token_mask`), so a left- or
+  right-padded sequence has the loss of its unpadded tokens (up to the
+  positions of the learned position embedding).
 
   Args:
     model: the transformer.
-    tokens_BxL: token ids, ``L - 1 <= max_len``.
+    tokens_BxL: token ids in ``[0, vocab_size)``, ``L - 1 <= max_len``.
     mask_BxL: optional padding mask (true at real tokens).
     dropout_key: optional key enabling dropout.
 
@@ -710,5 +752,5 @@ def next_token_loss(
   targets_BxL = tokens_BxL[:, 1:]
   in_mask = None if mask_BxL is None else mask_BxL[:, :-1]
   logits_BxLxV = model(inputs_BxL, mask_BxL=in_mask, dropout_key=dropout_key)
-  tgt_mask = None if mask_BxL is None else mask_BxL[:, 1:]
+  tgt_mask = None if mask_BxL is None else next_token_mask(mask_BxL)
   return per_example_loss(logits_BxLxV, targets_BxL, tgt_mask)
