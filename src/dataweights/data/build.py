@@ -4,7 +4,7 @@ Stage 1 (:mod:`dataweights.data.sources`) fetches and parses the pinned
 archives; this module writes and verifies the data sets; stage 3
 (:mod:`dataweights.data.prepared`) reads them.
 
-Three data sets, each with ``train`` / ``validation`` / ``test`` splits and
+Four data sets, each with ``train`` / ``validation`` / ``test`` splits and
 a ``domain`` ClassLabel on every example, written under the data
 directory (:func:`dataweights.data.sources.fetch.data_dir`) as
 ``<data_dir>/<name>/1.0.0/``:
@@ -29,6 +29,13 @@ directory (:func:`dataweights.data.sources.fetch.data_dir`) as
   {"row": int64, <numeric columns>: int64, <categorical columns>: Text,
    "income": ClassLabel(["<=50K", ">50K"]),
    "domain": ClassLabel(workclass domains, tiny ones merged)}
+
+``dw_instructions`` (:mod:`dataweights.data.sources.instructions`)::
+
+  {"prompt": Text, "response": Text (lightly cleaned ASCII, case and
+   punctuation kept), "domain": ClassLabel(names=SOURCE_NAMES) (the
+   instruction source), "doc_id": int64 (document group; groups never
+   cross splits)}
 
 Integrity: after a successful build, ``dw_manifest.json`` in the version
 directory records every file's size and sha256 and the config
@@ -61,13 +68,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dataweights.configs import data as data_config
-from dataweights.data.sources import adult, fetch, text
+from dataweights.data.sources import adult, fetch, instructions, text
 from dataweights.data.sources import digits as digits_lib
 
 VERSION = "1.0.0"
 MANIFEST = "dw_manifest.json"
 # Bump when builder code changes the prepared bytes: prepare() rebuilds.
 BUILD_REVISION = 2
+# The same for dw_instructions alone (bumping it rebuilds only that set).
+INSTRUCTIONS_REVISION = 1
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
@@ -281,10 +290,72 @@ class DwAdult(_DwBuilder):
       )
 
 
+class DwInstructions(_DwBuilder):
+  """Instruction-style prompt/response pairs with their source."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Prompt/response pairs (dataweights.data.sources.instructions).",
+      features=tfds.features.FeaturesDict(
+        {
+          "prompt": tfds.features.Text(),
+          "response": tfds.features.Text(),
+          "domain": tfds.features.ClassLabel(
+            names=list(instructions.SOURCE_NAMES)
+          ),
+          "doc_id": tfds.features.Scalar(dtype=np.int64),
+        }
+      ),
+      supervised_keys=None,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.options.config
+    per_split: dict[str, list[instructions.InstructionPair]] = {
+      s: [] for s in SPLITS
+    }
+    seen: set[tuple[str, str]] = set()  # no pair in two sources
+    for src in instructions.INSTRUCTION_SOURCES:
+      pairs = instructions.source_pairs(
+        src.name,
+        self._archive(src.package),
+        pairs_per_source=cfg.instr_pairs_per_source,
+        max_prompt_bytes=cfg.instr_max_prompt_bytes,
+        max_response_bytes=cfg.instr_max_response_bytes,
+        max_pairs_per_group=cfg.instr_max_pairs_per_group,
+        seed=cfg.seed,
+        seen=seen,
+      )
+      for s, ps in instructions.split_pairs(
+        pairs, cfg.text_split_fractions, cfg.seed
+      ).items():
+        per_split[s].extend(ps)
+    groups = sorted(
+      {(p.source, p.group) for ps in per_split.values() for p in ps}
+    )
+    gid = {g: i for i, g in enumerate(groups)}
+    return {s: self._generate_examples(per_split[s], gid) for s in SPLITS}
+
+  def _generate_examples(self, pairs, gid):
+    for i, p in enumerate(pairs):
+      yield (
+        f"{p.source}/{i}",
+        {
+          "prompt": p.prompt,
+          "response": p.response,
+          "domain": p.source,
+          "doc_id": gid[(p.source, p.group)],
+        },
+      )
+
+
 BUILDERS: Mapping[str, type[_DwBuilder]] = {
   "dw_text_domains": DwTextDomains,
   "dw_digits": DwDigits,
   "dw_adult": DwAdult,
+  "dw_instructions": DwInstructions,
 }
 DATASETS: tuple[str, ...] = tuple(BUILDERS)
 
@@ -305,7 +376,12 @@ def version_dir(
   return fetch.data_dir(data_dir) / check_name(name) / VERSION
 
 
-def _fingerprint(options: BuildOptions) -> dict[str, Any]:
+def _fingerprint(options: BuildOptions, name: str = "") -> dict[str, Any]:
+  if name == "dw_instructions":  # its own fields; the others are unchanged
+    return {
+      **options.config.instruction_fingerprint(),
+      "revision": INSTRUCTIONS_REVISION,
+    }
   return {**options.config.fingerprint(), "revision": BUILD_REVISION}
 
 
@@ -409,7 +485,7 @@ def build(
   }
   manifest = {
     "files": files,
-    "fingerprint": _fingerprint(options),
+    "fingerprint": _fingerprint(options, name),
     "pins": {k: dataclasses.asdict(v) for k, v in options.pins.items()},
     "summary": summary,
   }
@@ -436,7 +512,7 @@ def ensure_prepared(
     The manifest summary, plus ``"rebuilt": bool``.
   """
   options = options or BuildOptions()
-  fp = _fingerprint(options) if check_config else None
+  fp = _fingerprint(options, name) if check_config else None
   problems = [] if force else verify(name, data_dir, fingerprint=fp)
   vdir = version_dir(name, data_dir)
   if not force and not problems:

@@ -31,13 +31,13 @@ from dataweights.data.build import (
   ensure_prepared,
   version_dir,
 )
-from dataweights.data.sources import adult, fetch, text
+from dataweights.data.sources import adult, fetch, instructions, text
 from dataweights.data.sources import digits as digits_lib
 
 __all__ = [
   "DATASETS", "SPLITS", "adult_table", "check_domains", "digits_arrays",
-  "domain_indices", "domain_names", "load_adult", "load_digits", "load_source",
-  "text_split",
+  "domain_indices", "domain_names", "instruction_split", "load_adult",
+  "load_digits", "load_source", "text_split",
 ]
 
 
@@ -80,6 +80,7 @@ def domain_names(name: str) -> tuple[str, ...]:
     "dw_text_domains": text.DOMAIN_NAMES,
     "dw_digits": digits_lib.DIGIT_DOMAINS,
     "dw_adult": ADULT_DOMAINS,
+    "dw_instructions": instructions.SOURCE_NAMES,
   }[name]
 
 
@@ -196,6 +197,38 @@ def text_split(
   return {
     "text": [_str(r["text"]) for r in recs],
     "domain_M": np.array([r["domain"] for r in recs], np.int32),
+    "doc_id_M": np.array([r["doc_id"] for r in recs], np.int64),
+  }
+
+
+def instruction_split(
+  split: str,
+  data_dir: str | os.PathLike[str] | None = None,
+  sources: Sequence[str] | None = None,
+) -> dict[str, Any]:
+  """One ``dw_instructions`` split in memory, in stored order.
+
+  Args:
+    split: ``train``, ``validation`` or ``test``.
+    data_dir: data directory.
+    sources: keep only these instruction sources (default: all).
+
+  Returns:
+    ``{"prompt": [str], "response": [str], "source_M": int32 (index into
+    :data:`~dataweights.data.sources.instructions.SOURCE_NAMES`),
+    "doc_id_M": int64}``.
+
+  Raises:
+    ValueError: unknown split or source (naming the known sources).
+  """
+  wanted = check_domains("dw_instructions", sources)
+  ids = {instructions.SOURCE_NAMES.index(s) for s in wanted}
+  recs = _records("dw_instructions", split, data_dir)
+  recs = [r for r in recs if int(r["domain"]) in ids]
+  return {
+    "prompt": [_str(r["prompt"]) for r in recs],
+    "response": [_str(r["response"]) for r in recs],
+    "source_M": np.array([r["domain"] for r in recs], np.int32),
     "doc_id_M": np.array([r["doc_id"] for r in recs], np.int64),
   }
 

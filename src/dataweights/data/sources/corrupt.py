@@ -18,6 +18,8 @@ Labels and pairs:
   * :func:`corrupt_labels`: a fraction p of labels set to a different class.
   * :func:`corrupt_responses`: a fraction p of responses swapped between
     pairs (instruction/response mismatch).
+  * :func:`replace_responses`: a fraction p of responses replaced by a
+    fixed string (ScaleBiO's noise: ``"."``).
 Images:
   * :func:`permute_pixels`, :func:`gaussian_noise`.
 """
@@ -233,6 +235,35 @@ def corrupt_responses(
     for i, j in zip(idx, rolled):
       out[i] = responses[j]
   corrupted_M = np.array([a != b for a, b in zip(out, responses)], bool)
+  return out, corrupted_M
+
+
+def replace_responses(
+  responses: Sequence[str],
+  p: float,
+  seed: int | np.random.Generator = 0,
+  replacement: str = ".",
+) -> tuple[list[str], np.ndarray]:
+  """Replaces exactly ``round(p * M)`` random responses by ``replacement``.
+
+  ScaleBiO's noise experiment (Pan et al. 2024, Sec. 5.1): the chosen
+  responses become ``"."``, so the pair teaches nothing about the prompt.
+
+  Returns:
+    ``(responses, corrupted_M)``; ``corrupted_M`` marks the chosen pairs
+    (a response that already equals ``replacement`` counts as chosen).
+
+  Raises:
+    ValueError: bad ``p``, or ``replacement`` not a string.
+  """
+  _check_rate(p)
+  if not isinstance(replacement, str):
+    raise ValueError(f"replacement = {replacement!r} must be a str")
+  rng = _rng(seed)
+  m = len(responses)
+  corrupted_M = np.zeros(m, bool)
+  corrupted_M[rng.choice(m, size=int(round(p * m)), replace=False)] = True
+  out = [replacement if c else r for r, c in zip(responses, corrupted_M)]
   return out, corrupted_M
 
 
