@@ -18,7 +18,7 @@ from dataweights.data.pipeline import DomainSource
 NAMES = ("a", "b", "c", "d", "e")
 
 
-def _domains(k=len(NAMES)):
+def _domains(k=5):
   return [
     DomainSource(n, [{"text": f"{n}{j}".encode() * (j + 1)} for j in range(4)])
     for n in NAMES[:k]
@@ -28,8 +28,12 @@ def _domains(k=len(NAMES)):
 def _sampler(weights, batch_size=16, seed=0, draw="stratified", k=None):
   k = len(weights) if k is None else k
   return MixtureSampler(
-    _domains(k), batch_size=batch_size, seq_len=6, seed=seed,
-    weights=weights, draw=draw,
+    _domains(k),
+    batch_size=batch_size,
+    seq_len=6,
+    seed=seed,
+    weights=weights,
+    draw=draw,
   )
 
 
@@ -108,13 +112,17 @@ def test_next_batch_rows_come_from_their_domain_and_resume_is_exact():
     assert np.all(got["domain_B"] != t % 5)
   # The first byte of each row names its domain (documents "a0", "b1a"...).
   first = ref_batches[3]["tokens_BxL"][:, 1]  # after BOS
-  assert all(chr(c) == NAMES[d] for c, d in zip(first, ref_batches[3]["domain_B"]))
+  assert all(
+    chr(c) == NAMES[d] for c, d in zip(first, ref_batches[3]["domain_B"])
+  )
 
 
 def test_draw_is_part_of_the_state_and_checked():
   strat = _sampler(np.full(5, 0.2))
   iid = _sampler(np.full(5, 0.2), draw="iid")
-  with pytest.raises(ValueError, match="draw = 'stratified' but this sampler has draw = 'iid'"):
+  with pytest.raises(
+    ValueError, match="draw = 'stratified' but this sampler has draw = 'iid'"
+  ):
     iid.set_state(strat.get_state())
   # A state saved before stratified draws existed restores as i.i.d.
   old = iid.get_state()
@@ -131,11 +139,16 @@ def test_iid_default_is_unchanged():
   rng = np.random.Generator(
     np.random.Philox(key=s._step_key, counter=[0, 0, 0, 4])
   )
-  want = np.searchsorted(np.cumsum([0.1, 0.2, 0.3, 0.4]), rng.random(9), side="right")
+  want = np.searchsorted(
+    np.cumsum([0.1, 0.2, 0.3, 0.4]), rng.random(9), side="right"
+  )
   np.testing.assert_array_equal(s.draw_domains(4), want)
   assert MixtureSampler(_domains(2), batch_size=2, seq_len=4).draw == "iid"
 
 
 def test_bad_draw_is_a_clear_error():
-  with pytest.raises(ValueError, match=r"draw = 'systematic' is invalid; allowed values are 'iid', 'stratified'"):
+  with pytest.raises(
+    ValueError,
+    match=r"draw = 'systematic' is invalid; allowed values are 'iid', 'stratified'",
+  ):
     _sampler([0.5, 0.5], draw="systematic")
