@@ -62,6 +62,12 @@ class StepContext:
       the weighted mean loss and its gradient, accumulated over microbatches
       exactly like the main step.
     num_domains: K, when the run has named domains (else None).
+    opt_state: the optimiser state before the update (a method that replays
+      optimiser steps, e.g. finite-horizon mixing, keeps a copy).
+    tx: the optax transformation the step applies.
+    model_fn: ``model_fn(params) -> nnx.Module``, the model with these
+      parameters (for outputs other than per-example losses: per-token
+      losses, features).
   """
 
   step: jax.Array
@@ -72,6 +78,9 @@ class StepContext:
   loss_fn: Callable[..., jax.Array]
   grad_fn: Callable[..., tuple[jax.Array, jax.Array, Params]]
   num_domains: int | None = None
+  opt_state: Any = None
+  tx: Any = None
+  model_fn: Callable[[Params], Any] | None = None
 
 
 class Method:
@@ -94,6 +103,14 @@ class Method:
     """The initial method state (a pytree of arrays; may be ``{}``)."""
     del params, key, num_domains
     return {}
+
+  def init_for_run(
+    self, params: Params, key: jax.Array, num_domains: int | None, tx: Any
+  ) -> MethodState:
+    """What the trainer calls: :meth:`init`, unless the method needs the
+    optimiser ``tx`` to shape its state (a copy of the optimiser state)."""
+    del tx
+    return self.init(params, key, num_domains)
 
   def select(
     self, mstate: MethodState, ctx: StepContext
