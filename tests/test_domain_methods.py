@@ -325,8 +325,8 @@ def test_alignment_equals_explicit_per_domain_gradients(x64):
   )
   for k in range(K_DOM):
     sel = np.asarray(batch["domain_B"]) == k
-    sub = jax.tree.map(lambda x: x[sel], batch)
-    g_k = jax.grad(lambda p: jnp.mean(_mlp_loss(p, sub)))(params)
+    sub = jax.tree.map(lambda x, sel=sel: x[sel], batch)
+    g_k = jax.grad(lambda p, sub=sub: jnp.mean(_mlp_loss(p, sub)))(params)
     want = sum(jnp.vdot(g_k[n], direction[n]) for n in g_k)
     np.testing.assert_allclose(a_K[k], want, rtol=1e-12)
     assert count_K[k] == sel.sum()
@@ -392,12 +392,13 @@ def test_replay_is_the_optimiser_loop(x64):
   w_K = jnp.array([0.6, 0.1, 0.3])
   # The loop, written out: weighted mean loss, tx.update, apply_updates.
   p, o = params, tx.init(params)
-  for t in range(4):
-    b = jax.tree.map(lambda x: x[t], batches)
+
+  def objective(q, b):
     weight_B = domain_weights.realised_weights(b["domain_B"], w_K)
-    g = jax.grad(
-      lambda q: jnp.sum(weight_B * _mlp_loss(q, b)) / jnp.sum(weight_B)
-    )(p)
+    return jnp.sum(weight_B * _mlp_loss(q, b)) / jnp.sum(weight_B)
+
+  for t in range(4):
+    g = jax.grad(objective)(p, jax.tree.map(lambda x, t=t: x[t], batches))
     u, o = tx.update(g, o, p)
     p = optax.apply_updates(p, u)
   for unroll in (True, False):

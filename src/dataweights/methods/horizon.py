@@ -112,7 +112,7 @@ def replay(
     # compile time linear in T.
     carry = (params0, opt_state0)
     for t in range(T):
-      carry, _ = step(carry, jax.tree.map(lambda x: x[t], batches_T))
+      carry, _ = step(carry, jax.tree.map(lambda x, t=t: x[t], batches_T))
     return carry
   (params, opt_state), _ = jax.lax.scan(step, (params0, opt_state0), batches_T)
   return params, opt_state
