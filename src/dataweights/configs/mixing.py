@@ -28,7 +28,8 @@ def _check_int_tuple(cfg: Any, name: str, minimum: int = 1) -> None:
   value = getattr(cfg, name)
   ok = isinstance(value, tuple) and len(value) > 0
   ok = ok and all(
-    isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
+    isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+    for v in value
   )
   ok = ok and all(a < b for a, b in zip(value, value[1:]))
   if not ok:
@@ -97,7 +98,23 @@ class HorizonFullConfig:
   """Figure-1 style: validation loss and w_2 against T, full gradients."""
 
   profile: str = "book"
-  horizons: tuple[int, ...] = (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 130, 200, 300, 500, 1000)
+  horizons: tuple[int, ...] = (
+    1,
+    2,
+    3,
+    5,
+    8,
+    13,
+    20,
+    30,
+    50,
+    80,
+    130,
+    200,
+    300,
+    500,
+    1000,
+  )
   budgets: tuple[int, ...] = (1000, 5000)  # budgets N compared
   lr: float = 0.02  # inner step size eta
   beta: float = 0.1  # EG outer step size
@@ -163,7 +180,9 @@ class HorizonScalingConfig:
   lr: float = 0.02  # inner step size eta
   beta: float = 0.1  # EG outer step size
   noise: float = 2.0  # std of the additive gradient noise (minibatch case)
-  seeds: int = 32  # minibatch runs per horizon (vmapped); 4 gave an unstable argmin
+  seeds: int = (
+    32  # minibatch runs per horizon (vmapped); 4 gave an unstable argmin
+  )
 
   def __post_init__(self):
     check_profile(self.profile)
@@ -193,8 +212,15 @@ class AdultMixingConfig:
     check_choice(
       self,
       "domain_column",
-      ("workclass", "marital-status", "occupation", "relationship", "race",
-       "gender", "native-country"),
+      (
+        "workclass",
+        "marital-status",
+        "occupation",
+        "relationship",
+        "race",
+        "gender",
+        "native-country",
+      ),
     )
     _check_int_tuple(self, "horizons")
     check_int(self, "budget", "seeds", "batch_size", "val_batch_size")
@@ -221,41 +247,104 @@ _FULL = {
   "smoke": dict(horizons=(1, 5, 50), budgets=(100, 300)),
   "book": {},
   "paper": dict(
-    horizons=(1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 130, 200, 300, 500, 800, 1300, 2000, 5000),
+    horizons=(
+      1,
+      2,
+      3,
+      5,
+      8,
+      13,
+      20,
+      30,
+      50,
+      80,
+      130,
+      200,
+      300,
+      500,
+      800,
+      1300,
+      2000,
+      5000,
+    ),
     budgets=(1000, 5000, 20000),
   ),
 }
 _MINIBATCH = {
-  "smoke": dict(horizons=(1, 50), chunk=100, budgets=(100, 200), seeds=2,
-                pool_sizes=(200, 100, 100), n_val=200),
+  "smoke": dict(
+    horizons=(1, 50),
+    chunk=100,
+    budgets=(100, 200),
+    seeds=2,
+    pool_sizes=(200, 100, 100),
+    n_val=200,
+  ),
   "book": {},
-  "paper": dict(horizons=(1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000),
-                seeds=16),
+  "paper": dict(
+    horizons=(1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000), seeds=16
+  ),
 }
 _SCALING = {
   "smoke": dict(horizons=(1, 5, 20, 50), budgets=(100, 200, 400), seeds=2),
   "book": {},
   "paper": dict(
-    horizons=(1, 2, 3, 4, 5, 7, 10, 13, 17, 20, 25, 30, 40, 50, 65, 80, 100,
-              130, 160, 200, 250, 300, 400, 500, 650, 800, 1000, 1300, 1600,
-              2000, 3000, 5000),
+    horizons=(
+      1,
+      2,
+      3,
+      4,
+      5,
+      7,
+      10,
+      13,
+      17,
+      20,
+      25,
+      30,
+      40,
+      50,
+      65,
+      80,
+      100,
+      130,
+      160,
+      200,
+      250,
+      300,
+      400,
+      500,
+      650,
+      800,
+      1000,
+      1300,
+      1600,
+      2000,
+      3000,
+      5000,
+    ),
     budgets=(250, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000),
     seeds=32,
   ),
 }
 _ADULT = {
-  "smoke": dict(budget=100, horizons=(1, 10), seeds=1, batch_size=4, val_batch_size=32),
+  "smoke": dict(
+    budget=100, horizons=(1, 10), seeds=1, batch_size=4, val_batch_size=32
+  ),
   "book": {},
   "paper": dict(budget=20000, horizons=(1, 5, 20, 100), seeds=8),
 }
 
 
-def hypergrad_check(profile: str = "book", **overrides: Any) -> HypergradCheckConfig:
+def hypergrad_check(
+  profile: str = "book", **overrides: Any
+) -> HypergradCheckConfig:
   """Config of ``ch1_hypergrad`` (see :class:`HypergradCheckConfig`)."""
   return from_profile(HypergradCheckConfig, _HYPERGRAD, profile, overrides)
 
 
-def greedy_quadratic(profile: str = "book", **overrides: Any) -> GreedyQuadraticConfig:
+def greedy_quadratic(
+  profile: str = "book", **overrides: Any
+) -> GreedyQuadraticConfig:
   """Config of ``ch1_greedy`` (see :class:`GreedyQuadraticConfig`)."""
   return from_profile(GreedyQuadraticConfig, _GREEDY, profile, overrides)
 
@@ -265,12 +354,16 @@ def horizon_full(profile: str = "book", **overrides: Any) -> HorizonFullConfig:
   return from_profile(HorizonFullConfig, _FULL, profile, overrides)
 
 
-def horizon_minibatch(profile: str = "book", **overrides: Any) -> HorizonMinibatchConfig:
+def horizon_minibatch(
+  profile: str = "book", **overrides: Any
+) -> HorizonMinibatchConfig:
   """Config of ``ch1_horizon_minibatch`` (see :class:`HorizonMinibatchConfig`)."""
   return from_profile(HorizonMinibatchConfig, _MINIBATCH, profile, overrides)
 
 
-def horizon_scaling(profile: str = "book", **overrides: Any) -> HorizonScalingConfig:
+def horizon_scaling(
+  profile: str = "book", **overrides: Any
+) -> HorizonScalingConfig:
   """Config of ``ch1_scaling`` (see :class:`HorizonScalingConfig`)."""
   return from_profile(HorizonScalingConfig, _SCALING, profile, overrides)
 

@@ -505,7 +505,9 @@ def _column(src, key: str) -> np.ndarray:
   return np.array([r[key] for r in recs])
 
 
-def check_domains(name: str, domains: Sequence[str] | None = None) -> tuple[str, ...]:
+def check_domains(
+  name: str, domains: Sequence[str] | None = None
+) -> tuple[str, ...]:
   """The requested domains of data set ``name`` (all if ``None``), validated.
 
   Raises:

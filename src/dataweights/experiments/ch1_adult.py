@@ -54,7 +54,8 @@ def build(cfg: mixing_configs.AdultMixingConfig):
       loss_K = (_loss_M(params, x, y) @ onehot_MxK) / n_K
     else:
       loss_K = jax.vmap(lambda xx, yy: jnp.mean(_loss_M(params, xx, yy)))(
-        batch["x"], batch["y"])
+        batch["x"], batch["y"]
+      )
     return loss_K + 0.5 * l2 * jnp.sum(params["w"] ** 2)
 
   def val_loss(params, batch=None):
@@ -67,6 +68,7 @@ def build(cfg: mixing_configs.AdultMixingConfig):
       local = jnp.floor(u * n_K[None, :, None]).astype(jnp.int32)
       rows = idx_KxM[jnp.arange(K)[None, :, None], local]
       return {"x": x[rows], "y": y[rows]}
+
     return batch_fn
 
   def val_batch_fn(key):
@@ -97,20 +99,29 @@ def run(cfg: mixing_configs.AdultMixingConfig) -> dict[str, Any]:
   def record(name, params, w_SxK):
     loss_S, acc_S = jax.vmap(test_metrics)(params)
     w_SxK = np.asarray(w_SxK)
-    methods.append({
-      "name": name, "w_mean": w_SxK.mean(0), "w_std": w_SxK.std(0),
-      "test_loss_mean": float(np.mean(loss_S)), "test_loss_std": float(np.std(loss_S)),
-      "test_acc_mean": float(np.mean(acc_S)), "test_acc_std": float(np.std(acc_S)),
-    })
+    methods.append(
+      {
+        "name": name,
+        "w_mean": w_SxK.mean(0),
+        "w_std": w_SxK.std(0),
+        "test_loss_mean": float(np.mean(loss_S)),
+        "test_loss_std": float(np.std(loss_S)),
+        "test_acc_mean": float(np.mean(acc_S)),
+        "test_acc_std": float(np.std(acc_S)),
+      }
+    )
 
   chunk = 100 if cfg.budget % 100 == 0 else cfg.budget
   fixed_fn = sampler(chunk)
-  for name, w_K in (("uniform", mixing.uniform_weights(K)),
-                    ("natural", mixing.natural_weights(counts_K))):
+  for name, w_K in (
+    ("uniform", mixing.uniform_weights(K)),
+    ("natural", mixing.natural_weights(counts_K)),
+  ):
 
     def fixed(p, k, w_K=w_K):
-      return mixing.train_fixed(problem, p, w_K, lr=cfg.lr, N=cfg.budget,
-                                batch_fn=fixed_fn, key=k)[0]
+      return mixing.train_fixed(
+        problem, p, w_K, lr=cfg.lr, N=cfg.budget, batch_fn=fixed_fn, key=k
+      )[0]
 
     params = jax.jit(jax.vmap(fixed))(params_S, keys)
     record(name, params, np.broadcast_to(np.asarray(w_K), (S, K)))
@@ -118,28 +129,46 @@ def run(cfg: mixing_configs.AdultMixingConfig) -> dict[str, Any]:
     batch_fn = sampler(T)
 
     def one(p, k, batch_fn=batch_fn, T=T):
-      tr = mixing.run_mixing(problem, p, mixing.uniform_weights(K), lr=cfg.lr,
-                             T=T, N=cfg.budget, beta=cfg.beta, batch_fn=batch_fn,
-                             val_batch_fn=val_batch_fn, key=k)
+      tr = mixing.run_mixing(
+        problem,
+        p,
+        mixing.uniform_weights(K),
+        lr=cfg.lr,
+        T=T,
+        N=cfg.budget,
+        beta=cfg.beta,
+        batch_fn=batch_fn,
+        val_batch_fn=val_batch_fn,
+        key=k,
+      )
       return tr.params, tr.w_RxK[-1]
 
     params, w_SxK = jax.jit(jax.vmap(one))(params_S, keys)
     record(f"mixing T={T}" + (" (greedy)" if T == 1 else ""), params, w_SxK)
-  return r({
-    "domain_column": cfg.domain_column,
-    "domain_names": d["domain_names"],
-    "train_counts": counts_K,
-    "methods": methods,
-  })
+  return r(
+    {
+      "domain_column": cfg.domain_column,
+      "domain_names": d["domain_names"],
+      "train_counts": counts_K,
+      "methods": methods,
+    }
+  )
 
 
 def summary(data: dict[str, Any]) -> str:
   """Test metrics per method, then the learned weights per domain."""
-  rows = [[m["name"], m["test_loss_mean"], m["test_acc_mean"]] for m in data["methods"]]
+  rows = [
+    [m["name"], m["test_loss_mean"], m["test_acc_mean"]]
+    for m in data["methods"]
+  ]
   t1 = fmt_table(["method", "test loss", "test acc"], rows)
-  header = ["domain", "n_train"] + [m["name"].replace(" (greedy)", "") for m in data["methods"]]
-  rows = [[name, data["train_counts"][k]] + [m["w_mean"][k] for m in data["methods"]]
-          for k, name in enumerate(data["domain_names"])]
+  header = ["domain", "n_train"] + [
+    m["name"].replace(" (greedy)", "") for m in data["methods"]
+  ]
+  rows = [
+    [name, data["train_counts"][k]] + [m["w_mean"][k] for m in data["methods"]]
+    for k, name in enumerate(data["domain_names"])
+  ]
   return t1 + "\n\n" + fmt_table(header, rows)
 
 
@@ -149,10 +178,12 @@ def _plot(data):
   return plots.plot_adult(data)
 
 
-register(Published(
-  name="ch1_adult",
-  chapter="ch1_mixing",
-  run=run,
-  make_config=mixing_configs.AdultMixingConfig,
-  plot=_plot,
-))
+register(
+  Published(
+    name="ch1_adult",
+    chapter="ch1_mixing",
+    run=run,
+    make_config=mixing_configs.AdultMixingConfig,
+    plot=_plot,
+  )
+)

@@ -44,7 +44,9 @@ def fmt_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return str(v)
 
   cells = [[cell(v) for v in row] for row in rows]
-  widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+  widths = [
+    max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)
+  ]
   lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
   lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
   return "\n".join(lines)

@@ -36,33 +36,48 @@ def run(cfg: mixing_configs.GreedyQuadraticConfig) -> dict[str, Any]:
   runs = []
   for T in cfg.horizons:
     trace = mixing.run_mixing(
-      problem, jnp.zeros(q.dim), jnp.asarray(uniform_w, jnp.float32),
-      lr=cfg.lr, T=T, N=cfg.budget, beta=cfg.beta,
+      problem,
+      jnp.zeros(q.dim),
+      jnp.asarray(uniform_w, jnp.float32),
+      lr=cfg.lr,
+      T=T,
+      N=cfg.budget,
+      beta=cfg.beta,
     )
     w2_R = np.asarray(trace.w_RxK)[:, 1]
     val_R = np.asarray(trace.val_loss_R1)
     idx = log_subsample(cfg.points, len(w2_R))
-    runs.append({
-      "T": T,
-      "steps": idx * T,
-      "w2": w2_R[idx],
-      "val": val_R[idx],
-      "final_w2": float(w2_R[-1]),
-      "final_val": float(val_R[-1]),
-      "final_theta": np.asarray(trace.params),
-      "mixture_val": float(syn.val_at(q, np.asarray(trace.w_RxK)[-1])),
-    })
-  return r({
-    "problem": {"a_KxD": q.a_KxD, "c_KxD": q.c_KxD, "c_val_D": q.c_val_D},
-    "optimum": {"w2": opt["w_K"][1], "val": opt["val"],
-                "theta": syn.inner_optimum(q, opt["w_K"])},
-    "greedy": {"w2": greedy["w_K"][1], "val": greedy["val"],
-               "theta": syn.inner_optimum(q, greedy["w_K"])},
-    "uniform": {"w2": 0.5, "val": float(syn.val_at(q, uniform_w))},
-    "curve": curve,
-    "runs": runs,
-    "budget": cfg.budget,
-  })
+    runs.append(
+      {
+        "T": T,
+        "steps": idx * T,
+        "w2": w2_R[idx],
+        "val": val_R[idx],
+        "final_w2": float(w2_R[-1]),
+        "final_val": float(val_R[-1]),
+        "final_theta": np.asarray(trace.params),
+        "mixture_val": float(syn.val_at(q, np.asarray(trace.w_RxK)[-1])),
+      }
+    )
+  return r(
+    {
+      "problem": {"a_KxD": q.a_KxD, "c_KxD": q.c_KxD, "c_val_D": q.c_val_D},
+      "optimum": {
+        "w2": opt["w_K"][1],
+        "val": opt["val"],
+        "theta": syn.inner_optimum(q, opt["w_K"]),
+      },
+      "greedy": {
+        "w2": greedy["w_K"][1],
+        "val": greedy["val"],
+        "theta": syn.inner_optimum(q, greedy["w_K"]),
+      },
+      "uniform": {"w2": 0.5, "val": float(syn.val_at(q, uniform_w))},
+      "curve": curve,
+      "runs": runs,
+      "budget": cfg.budget,
+    }
+  )
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -70,14 +85,28 @@ def summary(data: dict[str, Any]) -> str:
   best = data["optimum"]["val"]
   rows = [
     ["exact optimum", data["optimum"]["w2"], best, 1.0],
-    ["greedy fixed point", data["greedy"]["w2"], data["greedy"]["val"],
-     data["greedy"]["val"] / best],
-    ["uniform", data["uniform"]["w2"], data["uniform"]["val"],
-     data["uniform"]["val"] / best],
+    [
+      "greedy fixed point",
+      data["greedy"]["w2"],
+      data["greedy"]["val"],
+      data["greedy"]["val"] / best,
+    ],
+    [
+      "uniform",
+      data["uniform"]["w2"],
+      data["uniform"]["val"],
+      data["uniform"]["val"] / best,
+    ],
   ]
   for run_ in data["runs"]:
-    rows.append([f"mixing T={run_['T']}, N={data['budget']}", run_["final_w2"],
-                 run_["final_val"], run_["final_val"] / best])
+    rows.append(
+      [
+        f"mixing T={run_['T']}, N={data['budget']}",
+        run_["final_w2"],
+        run_["final_val"],
+        run_["final_val"] / best,
+      ]
+    )
   return fmt_table(["method", "w_2", "val loss", "x optimum"], rows)
 
 
@@ -87,10 +116,12 @@ def _plot(data):
   return plots.plot_greedy(data)
 
 
-register(Published(
-  name="ch1_greedy",
-  chapter="ch1_mixing",
-  run=run,
-  make_config=mixing_configs.GreedyQuadraticConfig,
-  plot=_plot,
-))
+register(
+  Published(
+    name="ch1_greedy",
+    chapter="ch1_mixing",
+    run=run,
+    make_config=mixing_configs.GreedyQuadraticConfig,
+    plot=_plot,
+  )
+)

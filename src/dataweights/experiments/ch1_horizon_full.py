@@ -50,33 +50,53 @@ def run(cfg: mixing_configs.HorizonFullConfig) -> dict[str, Any]:
   w0_K = mixing.uniform_weights(K)
   theta0 = jnp.zeros(q.dim)
   n_max = max(cfg.budgets)
-  traces = sweep_traces(problem, theta0, w0_K, cfg.horizons, n_max,
-                        lr=cfg.lr, beta=cfg.beta, outer=cfg.outer)
+  traces = sweep_traces(
+    problem,
+    theta0,
+    w0_K,
+    cfg.horizons,
+    n_max,
+    lr=cfg.lr,
+    beta=cfg.beta,
+    outer=cfg.outer,
+  )
   opt = syn.bilevel_optimum(q)
   step = int(np.gcd.reduce(np.array(cfg.budgets)))
-  _, val_uniform = mixing.train_fixed(problem, theta0, w0_K, lr=cfg.lr, N=n_max,
-                                      eval_every=step)
+  _, val_uniform = mixing.train_fixed(
+    problem, theta0, w0_K, lr=cfg.lr, N=n_max, eval_every=step
+  )
   val_uniform = np.asarray(val_uniform)
   per_budget = []
   for N in cfg.budgets:
     val_T, w2_T = [], []
     for T in cfg.horizons:
       tr = traces.get(T)
-      val_T.append(None if tr is None else at_budget(np.asarray(tr.val_loss_R1), T, N))
-      w2_T.append(None if tr is None else at_budget(np.asarray(tr.w_RxK)[:, 1], T, N))
+      val_T.append(
+        None if tr is None else at_budget(np.asarray(tr.val_loss_R1), T, N)
+      )
+      w2_T.append(
+        None if tr is None else at_budget(np.asarray(tr.w_RxK)[:, 1], T, N)
+      )
     valid = [i for i, v in enumerate(val_T) if v is not None]
     best = min(valid, key=lambda i: val_T[i])
-    per_budget.append({
-      "N": N, "val": val_T, "w2": w2_T,
-      "best_T": cfg.horizons[best], "best_val": val_T[best],
-      "greedy_val": val_T[0] if cfg.horizons[0] == 1 else None,
-      "uniform_val": float(val_uniform[N // step]),
-    })
-  return r({
-    "horizons": list(cfg.horizons),
-    "budgets": per_budget,
-    "optimum": {"val": opt["val"], "w_K": opt["w_K"]},
-  })
+    per_budget.append(
+      {
+        "N": N,
+        "val": val_T,
+        "w2": w2_T,
+        "best_T": cfg.horizons[best],
+        "best_val": val_T[best],
+        "greedy_val": val_T[0] if cfg.horizons[0] == 1 else None,
+        "uniform_val": float(val_uniform[N // step]),
+      }
+    )
+  return r(
+    {
+      "horizons": list(cfg.horizons),
+      "budgets": per_budget,
+      "optimum": {"val": opt["val"], "w_K": opt["w_K"]},
+    }
+  )
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -84,12 +104,24 @@ def summary(data: dict[str, Any]) -> str:
   rows = []
   for b in data["budgets"]:
     i = data["horizons"].index(b["best_T"])
-    rows.append([b["N"], b["best_T"], b["best_val"], b["w2"][i],
-                 b["greedy_val"] if b["greedy_val"] is not None else "-",
-                 b["uniform_val"]])
-  table = fmt_table(["N", "best T", "val loss", "w_2", "T=1 loss", "uniform"], rows)
+    rows.append(
+      [
+        b["N"],
+        b["best_T"],
+        b["best_val"],
+        b["w2"][i],
+        b["greedy_val"] if b["greedy_val"] is not None else "-",
+        b["uniform_val"],
+      ]
+    )
+  table = fmt_table(
+    ["N", "best T", "val loss", "w_2", "T=1 loss", "uniform"], rows
+  )
   o = data["optimum"]
-  return table + f"\nexact bilevel optimum: val loss {o['val']:.3g}, w_2 {o['w_K'][1]:.3g}"
+  return (
+    table
+    + f"\nexact bilevel optimum: val loss {o['val']:.3g}, w_2 {o['w_K'][1]:.3g}"
+  )
 
 
 def _plot(data):
@@ -98,10 +130,12 @@ def _plot(data):
   return plots.plot_horizon_full(data)
 
 
-register(Published(
-  name="ch1_horizon_full",
-  chapter="ch1_mixing",
-  run=run,
-  make_config=mixing_configs.HorizonFullConfig,
-  plot=_plot,
-))
+register(
+  Published(
+    name="ch1_horizon_full",
+    chapter="ch1_mixing",
+    run=run,
+    make_config=mixing_configs.HorizonFullConfig,
+    plot=_plot,
+  )
+)

@@ -22,7 +22,9 @@ from dataweights.experiments.registry import Published, register
 from dataweights.methods import bilevel
 
 
-def _theta_T(q: syn.QuadraticDomains, theta_D, w_K, lr: float, T: int) -> np.ndarray:
+def _theta_T(
+  q: syn.QuadraticDomains, theta_D, w_K, lr: float, T: int
+) -> np.ndarray:
   """``θ_T(w)`` in float64 (unconstrained w: the partial derivative)."""
   theta = np.array(theta_D, np.float64)
   for _ in range(T):
@@ -36,14 +38,18 @@ def _g(q: syn.QuadraticDomains, theta_D: np.ndarray) -> float:
   return float(0.5 * np.sum(q.a_val_D * d * d))
 
 
-def finite_differences(q, theta_D, w_K, lr: float, T: int, eps: float) -> np.ndarray:
+def finite_differences(
+  q, theta_D, w_K, lr: float, T: int, eps: float
+) -> np.ndarray:
   """Central differences of ``w ↦ g(θ_T(w))`` in float64."""
   h = np.zeros(len(w_K))
   for j in range(len(w_K)):
     e = np.zeros(len(w_K))
     e[j] = eps
-    h[j] = (_g(q, _theta_T(q, theta_D, w_K + e, lr, T))
-            - _g(q, _theta_T(q, theta_D, w_K - e, lr, T))) / (2 * eps)
+    h[j] = (
+      _g(q, _theta_T(q, theta_D, w_K + e, lr, T))
+      - _g(q, _theta_T(q, theta_D, w_K - e, lr, T))
+    ) / (2 * eps)
   return h
 
 
@@ -74,14 +80,16 @@ def run(cfg: mixing_configs.HypergradCheckConfig) -> dict[str, Any]:
     h_fwd, _ = bilevel.hypergrad_forward(problem, th32, w32, lr=cfg.lr, T=T)
     h_rev, _ = bilevel.hypergrad_reverse(problem, th32, w32, lr=cfg.lr, T=T)
     h_fd = finite_differences(q, theta0_D, w_K, cfg.lr, T, cfg.fd_eps)
-    rows.append({
-      "T": T,
-      "forward": np.asarray(h_fwd),
-      "reverse": np.asarray(h_rev),
-      "fd": h_fd,
-      "rel_fwd_rev": _rel(h_fwd, h_rev),
-      "rel_fwd_fd": _rel(h_fwd, h_fd),
-    })
+    rows.append(
+      {
+        "T": T,
+        "forward": np.asarray(h_fwd),
+        "reverse": np.asarray(h_rev),
+        "fd": h_fd,
+        "rel_fwd_rev": _rel(h_fwd, h_rev),
+        "rel_fwd_fd": _rel(h_fwd, h_fd),
+      }
+    )
   theta_star = jnp.asarray(syn.inner_optimum(q, w_K), jnp.float32)
   h_imp = bilevel.hypergrad_implicit(problem, theta_star, w32)
   h_cf = implicit_closed_form(q, w_K)
@@ -105,7 +113,9 @@ def summary(data: dict[str, Any]) -> str:
   rows = []
   for row in data["rows"]:
     h = ", ".join(f"{v:+.3g}" for v in row["forward"])
-    rows.append([row["T"], h, ok(row["rel_fwd_rev"], 1e-4), ok(row["rel_fwd_fd"], 1e-4)])
+    rows.append(
+      [row["T"], h, ok(row["rel_fwd_rev"], 1e-4), ok(row["rel_fwd_fd"], 1e-4)]
+    )
   imp = data["implicit"]
   h = ", ".join(f"{v:+.3g}" for v in imp["closed_form"])
   rows.append(["inf", h, "-", "-"])
@@ -118,13 +128,15 @@ def summary(data: dict[str, Any]) -> str:
   )
 
 
-register(Published(
-  name="ch1_hypergrad",
-  chapter="ch1_mixing",
-  run=run,
-  make_config=mixing_configs.HypergradCheckConfig,
-  plot=None,
-  rtol=1e-4,
-  atol=1e-6,
-  note="float32 hypergradients; relative errors are ~1e-7, below atol",
-))
+register(
+  Published(
+    name="ch1_hypergrad",
+    chapter="ch1_mixing",
+    run=run,
+    make_config=mixing_configs.HypergradCheckConfig,
+    plot=None,
+    rtol=1e-4,
+    atol=1e-6,
+    note="float32 hypergradients; relative errors are ~1e-7, below atol",
+  )
+)

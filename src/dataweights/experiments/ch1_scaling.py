@@ -37,7 +37,10 @@ def fit(N: np.ndarray, T_star: np.ndarray, feature: str) -> dict[str, float]:
 
 
 def _best(gap_TxN: np.ndarray, horizons) -> list[int]:
-  return [int(horizons[int(np.nanargmin(gap_TxN[:, n]))]) for n in range(gap_TxN.shape[1])]
+  return [
+    int(horizons[int(np.nanargmin(gap_TxN[:, n]))])
+    for n in range(gap_TxN.shape[1])
+  ]
 
 
 def run(cfg: mixing_configs.HorizonScalingConfig) -> dict[str, Any]:
@@ -48,32 +51,49 @@ def run(cfg: mixing_configs.HorizonScalingConfig) -> dict[str, Any]:
   theta0, w0 = jnp.zeros(D), mixing.uniform_weights(K)
   n_max = max(cfg.budgets)
   horizons = [T for T in cfg.horizons if T <= n_max]
-  gap = {"full": np.full((len(horizons), len(cfg.budgets)), np.nan),
-         "minibatch": np.full((len(horizons), len(cfg.budgets)), np.nan)}
+  gap = {
+    "full": np.full((len(horizons), len(cfg.budgets)), np.nan),
+    "minibatch": np.full((len(horizons), len(cfg.budgets)), np.nan),
+  }
   exact = bilevel.MixingProblem(*syn.quadratic_losses(q))
   noisy = bilevel.MixingProblem(*syn.noisy_quadratic_losses(q))
   seed_keys = jax.random.split(jax.random.key(0), cfg.seeds)
   for i, T in enumerate(horizons):
-    tr = mixing.run_mixing(exact, theta0, w0, lr=cfg.lr, T=T, N=n_max, beta=cfg.beta)
+    tr = mixing.run_mixing(
+      exact, theta0, w0, lr=cfg.lr, T=T, N=n_max, beta=cfg.beta
+    )
     w_RxK = np.asarray(tr.w_RxK, np.float64)
     batch_fn = syn.noise_sampler(K, D, cfg.noise, T)
 
     def one(k, batch_fn=batch_fn, T=T):
-      return mixing.run_mixing(noisy, theta0, w0, lr=cfg.lr, T=T, N=n_max,
-                               beta=cfg.beta, batch_fn=batch_fn, key=k).w_RxK
+      return mixing.run_mixing(
+        noisy,
+        theta0,
+        w0,
+        lr=cfg.lr,
+        T=T,
+        N=n_max,
+        beta=cfg.beta,
+        batch_fn=batch_fn,
+        key=k,
+      ).w_RxK
 
     w_SxRxK = np.asarray(jax.jit(jax.vmap(one))(seed_keys), np.float64)
     for n, N in enumerate(cfg.budgets):
       if T <= N:
         gap["full"][i, n] = syn.val_at(q, at_budget(w_RxK, T, N)) - g_star
-        gap["minibatch"][i, n] = np.mean(syn.val_at(q, w_SxRxK[:, N // T])) - g_star
+        gap["minibatch"][i, n] = (
+          np.mean(syn.val_at(q, w_SxRxK[:, N // T])) - g_star
+        )
   N_arr = np.array(cfg.budgets, np.float64)
   out: dict[str, Any] = {"horizons": horizons, "budgets": list(cfg.budgets)}
   for case in ("full", "minibatch"):
     T_star = np.array(_best(gap[case], horizons), np.float64)
     out[case] = {
-      "gap_TxN": [[None if np.isnan(v) else float(max(v, 0.0)) for v in row]
-                  for row in gap[case]],
+      "gap_TxN": [
+        [None if np.isnan(v) else float(max(v, 0.0)) for v in row]
+        for row in gap[case]
+      ],
       "T_star": T_star,
       "fit_log": fit(N_arr, T_star, "log"),
       "fit_sqrt": fit(N_arr, T_star, "sqrt"),
@@ -83,14 +103,18 @@ def run(cfg: mixing_configs.HorizonScalingConfig) -> dict[str, Any]:
 
 def summary(data: dict[str, Any]) -> str:
   """T*(N) per case and the R² of both fits."""
-  rows = [[N, data["full"]["T_star"][i], data["minibatch"]["T_star"][i]]
-          for i, N in enumerate(data["budgets"])]
+  rows = [
+    [N, data["full"]["T_star"][i], data["minibatch"]["T_star"][i]]
+    for i, N in enumerate(data["budgets"])
+  ]
   table = fmt_table(["N", "T* full", "T* minibatch"], rows)
   lines = [table]
   for case in ("full", "minibatch"):
     fl, fs = data[case]["fit_log"], data[case]["fit_sqrt"]
-    lines.append(f"{case}: R2 of a+b*log N = {fl['r2']:.2f}; "
-                 f"R2 of a+b*sqrt(N log N) = {fs['r2']:.2f}")
+    lines.append(
+      f"{case}: R2 of a+b*log N = {fl['r2']:.2f}; "
+      f"R2 of a+b*sqrt(N log N) = {fs['r2']:.2f}"
+    )
   return "\n".join(lines)
 
 
@@ -100,10 +124,12 @@ def _plot(data):
   return plots.plot_scaling(data)
 
 
-register(Published(
-  name="ch1_scaling",
-  chapter="ch1_mixing",
-  run=run,
-  make_config=mixing_configs.HorizonScalingConfig,
-  plot=_plot,
-))
+register(
+  Published(
+    name="ch1_scaling",
+    chapter="ch1_mixing",
+    run=run,
+    make_config=mixing_configs.HorizonScalingConfig,
+    plot=_plot,
+  )
+)

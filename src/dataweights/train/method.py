@@ -99,7 +99,9 @@ class Method:
   batches: tuple[str, ...] = ()
   emits_weights: bool = False
 
-  def init(self, params: Params, key: jax.Array, num_domains: int | None) -> MethodState:
+  def init(
+    self, params: Params, key: jax.Array, num_domains: int | None
+  ) -> MethodState:
     """The initial method state (a pytree of arrays; may be ``{}``)."""
     del params, key, num_domains
     return {}
@@ -164,7 +166,9 @@ def _shape_tree(tree: Any) -> Any:
   return jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)), tree)
 
 
-def state_shardings(mstate: Any, params: Params, param_shardings: Any, replicated: Any) -> Any:
+def state_shardings(
+  mstate: Any, params: Params, param_shardings: Any, replicated: Any
+) -> Any:
   """Shardings of a method state: parameter-shaped sub-trees like the parameters.
 
   A sub-tree with the parameters' tree structure and leaf shapes (a model
@@ -196,7 +200,9 @@ def state_shardings(mstate: Any, params: Params, param_shardings: Any, replicate
   return jax.tree.map(place, mstate, is_leaf=like_params)
 
 
-def check_batches(method: Method, available: tuple[str, ...] | list[str]) -> None:
+def check_batches(
+  method: Method, available: tuple[str, ...] | list[str]
+) -> None:
   """Fails early if the feeder cannot supply a batch the method needs.
 
   Raises:

@@ -444,9 +444,27 @@ def _reference_mismatch(reference: Any, params: Any) -> str | None:
   extra = sorted(set(ref_map) - set(par_map))
   if extra:
     return f"the reference has parameter(s) {', '.join(extra[:3])} that the proxy lacks"
-  if jax.tree.structure(reference) != jax.tree.structure(params):
-    return "the reference's parameter tree differs from the proxy's"
   return None
+
+
+def _like_params(reference: Any, params: Any) -> Any:
+  """The reference's arrays in the proxy's tree (matched by path).
+
+  Trees with the same parameter paths may still differ in metadata (an
+  ``nnx.State`` of a sharded model carries its sharding annotations).
+  """
+  ref_map = {
+    jax.tree_util.keystr(p): x
+    for p, x in jax.tree_util.tree_leaves_with_path(reference)
+  }
+  paths = jax.tree_util.tree_leaves_with_path(params)
+  return jax.tree.unflatten(
+    jax.tree.structure(params),
+    [
+      jnp.array(ref_map[jax.tree_util.keystr(p)], dtype=x.dtype)
+      for p, x in paths
+    ],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,9 +525,7 @@ class DoReMiProxy(Method):
         "train the reference with the proxy's model config"
       )
     return {
-      "ref": jax.tree.map(
-        lambda r, p: jnp.array(r, dtype=p.dtype), reference, params
-      ),
+      "ref": _like_params(reference, params),
       "w": self._tx().init(domain_weights.uniform_weights(K)),
       "excess_K": jnp.zeros((K,), jnp.float32),
     }
