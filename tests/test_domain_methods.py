@@ -502,31 +502,44 @@ def test_horizon_one_sgd_step_is_the_alignment_rule_up_to_a_shift(x64):
 
 def test_choose_hypergrad_mode():
   MiB = 2**20
-  # Plenty of memory: reverse (3 steps per step) beats forward (1 + 1.5 K).
-  c = horizon.choose_hypergrad_mode(
-    8, 11, state_bytes=MiB, residual_bytes=4 * MiB
-  )
+  choose = horizon.choose_hypergrad_mode
+  # Plenty of memory, a short round: reverse (3 steps per step) beats forward.
+  c = choose(4, 11, state_bytes=MiB, residual_bytes=4 * MiB)
   assert c.mode == "reverse" and c.time["forward"] == 17.5
-  assert c.memory["reverse"] == 8 * 5 * MiB + MiB
-  # T copies of state + residuals do not fit, T copies of the state do.
-  c = horizon.choose_hypergrad_mode(
-    8, 11, state_bytes=MiB, residual_bytes=4 * MiB, memory_budget_bytes=20 * MiB
+  assert c.memory["reverse"] == 4 * 5 * MiB + MiB
+  # A long round: the unrolled programs are out, the sweep (one step) wins.
+  assert (
+    choose(8, 11, state_bytes=MiB, residual_bytes=4 * MiB).mode
+    == "reverse_sweep"
   )
-  assert c.mode == "reverse_remat"
+  assert (
+    choose(8, 11, state_bytes=MiB, residual_bytes=4 * MiB, max_unrolled=8).mode
+    == "reverse"
+  )
+  # T copies of state + residuals do not fit, T copies of the state do.
+  c = choose(
+    4, 11, state_bytes=MiB, residual_bytes=4 * MiB, memory_budget_bytes=12 * MiB
+  )
+  assert c.mode == "reverse_sweep"
   # A long horizon that not even T states fit: forward (memory independent of T).
-  c = horizon.choose_hypergrad_mode(
+  c = choose(
     1000, 2, state_bytes=MiB, residual_bytes=MiB, memory_budget_bytes=50 * MiB
   )
   assert c.mode == "forward" and c.memory["forward"] == 3 * 2 * MiB
   # Nothing fits: the least memory.
-  c = horizon.choose_hypergrad_mode(
+  c = choose(
     1000, 50, state_bytes=MiB, residual_bytes=MiB, memory_budget_bytes=MiB
   )
   assert c.mode == "forward"
-  for bad in (dict(T=0), dict(K=1.5), dict(memory_budget_bytes=-1)):
+  for bad in (
+    dict(T=0),
+    dict(K=1.5),
+    dict(memory_budget_bytes=-1),
+    dict(max_unrolled=0),
+  ):
     kw = {**dict(T=2, K=2, state_bytes=1, residual_bytes=1), **bad}
     with pytest.raises(ValueError, match="is invalid"):
-      horizon.choose_hypergrad_mode(kw.pop("T"), kw.pop("K"), **kw)
+      choose(kw.pop("T"), kw.pop("K"), **kw)
 
 
 def test_step_residual_bytes_is_traced_not_run():

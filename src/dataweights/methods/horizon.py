@@ -15,13 +15,16 @@ from ``(θ_0, opt_0)`` at the round's start on the round's stored batches:
 :func:`replay` reproduces the trajectory the training loop took (the
 library's tests check it), and :func:`hypergradient` differentiates it.
 
-**Modes.** ``"reverse"``: ``jax.grad`` through the ``lax.scan`` of the T
-steps (stores every step's residuals); ``"reverse_remat"``: the same with
-each step under ``jax.checkpoint`` (stores ``θ_t`` and the optimiser state
-per step, recomputes the rest); ``"forward"``: ``jax.jacfwd`` over the K
-weights (K tangents through the steps, memory independent of T: the LM
-analogue of Proposition 4.1's recursion). :func:`choose_hypergrad_mode`
-picks one from a cost model of T, K and memory.
+**Modes.** ``"reverse"``: ``jax.grad`` through the T steps (stores every
+step's residuals); ``"reverse_remat"``: the same with each step under
+``jax.checkpoint`` (stores ``θ_t`` and the optimiser state per step,
+recomputes the rest); ``"reverse_sweep"``: the adjoint recursion by hand, a
+forward scan keeping ``(θ_t, opt_t)`` and a reverse scan of one step's VJP
+(the memory of remat, and a program of one step whatever T);
+``"forward"``: ``jax.jacfwd`` over the K weights (K tangents through the
+steps, memory independent of T: the LM analogue of Proposition 4.1's
+recursion). :func:`choose_hypergrad_mode` picks one from a cost model of
+T, K and memory.
 
 [reconstruction] The horizon rule is Chapter 1's reading of Das et al.
 (2026); differentiating through an adaptive optimiser and the loss-weight
@@ -42,7 +45,12 @@ from jax.typing import ArrayLike
 from dataweights.methods import domain_weights
 from dataweights.types import Batch, Params
 
-MODES: tuple[str, ...] = ("forward", "reverse", "reverse_remat")
+MODES: tuple[str, ...] = (
+  "forward",
+  "reverse",
+  "reverse_remat",
+  "reverse_sweep",
+)
 
 LossFn = Callable[[Params, Batch], jax.Array]
 WeightFn = Callable[[jax.Array, Batch], jax.Array]
@@ -183,10 +191,95 @@ def hypergradient(
     g = jnp.mean(loss_fn(params_T, valid_batch))
     return g, (g, params_T)
 
+  if mode == "reverse_sweep":
+    return _reverse_sweep(
+      w_K,
+      params0,
+      opt_state0,
+      batches_T,
+      valid_batch,
+      loss_fn=loss_fn,
+      tx=tx,
+      weight_fn=weight_fn,
+    )
   if mode == "forward":
     h_K, (g, params_T) = jax.jacfwd(val_loss, has_aux=True)(w_K)
   else:
     h_K, (g, params_T) = jax.grad(val_loss, has_aux=True)(w_K)
+  return h_K, g, params_T
+
+
+def _is_float(x: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _reverse_sweep(
+  w_K, params0, opt_state0, batches_T, valid_batch, *, loss_fn, tx, weight_fn
+):
+  """Reverse mode by hand: a forward scan that keeps ``(θ_t, opt_t)``, then a
+  reverse scan of one step's VJP per step (the adjoint recursion).
+
+  ``λ_T = ∇g(θ_T)``; for ``t = T−1, ..., 0``: ``(λ_t, μ_t, h_t) =
+  VJP_{(θ_t, opt_t, w)}[step](λ_{t+1}, μ_{t+1})`` and ``h = Σ_t h_t``. Each
+  step's forward pass is recomputed inside its VJP (as ``jax.checkpoint``
+  would), and the compiled program holds one step, whatever T: its compile
+  time does not grow with T, unlike the unrolled modes, and JAX's scan of a
+  differentiated step (``unroll=False``) runs several times slower on CPU.
+  """
+  grad = jax.grad(lambda p, w, b: _weighted_mean(loss_fn, weight_fn, w, p, b))
+  opt_leaves, opt_def = jax.tree.flatten(opt_state0)
+  is_f = [_is_float(x) for x in opt_leaves]
+
+  def merge(float_leaves, other_leaves):
+    it_f, it_o = iter(float_leaves), iter(other_leaves)
+    return jax.tree.unflatten(
+      opt_def, [next(it_f) if f else next(it_o) for f in is_f]
+    )
+
+  def split(opt):
+    leaves = jax.tree.leaves(opt)
+    return [x for x, f in zip(leaves, is_f) if f], [
+      x for x, f in zip(leaves, is_f) if not f
+    ]
+
+  def step(w, params, opt_f, opt_o, batch):
+    opt = merge(opt_f, opt_o)
+    updates, opt = tx.update(grad(params, w, batch), opt, params)
+    return optax.apply_updates(params, updates), split(opt)[0]
+
+  def forward(carry, batch):
+    params, opt = carry
+    updates, new_opt = tx.update(grad(params, w_K, batch), opt, params)
+    opt_f, opt_o = split(opt)
+    return (optax.apply_updates(params, updates), new_opt), (
+      params,
+      opt_f,
+      opt_o,
+    )
+
+  (params_T, _), (params_Tx, optf_Tx, opto_Tx) = jax.lax.scan(
+    forward, (params0, opt_state0), batches_T
+  )
+  g, lam = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, valid_batch)))(
+    params_T
+  )
+  mu = [jnp.zeros_like(x) for x in split(opt_state0)[0]]
+
+  def backward(carry, xs):
+    lam, mu, h = carry
+    params, opt_f, opt_o, batch = xs
+    _, vjp = jax.vjp(
+      lambda w, p, f: step(w, p, f, opt_o, batch), w_K, params, opt_f
+    )
+    dw, dparams, dopt = vjp((lam, mu))
+    return (dparams, dopt, h + dw), None
+
+  (_, _, h_K), _ = jax.lax.scan(
+    backward,
+    (lam, mu, jnp.zeros_like(w_K)),
+    (params_Tx, optf_Tx, opto_Tx, batches_T),
+    reverse=True,
+  )
   return h_K, g, params_T
 
 
@@ -252,29 +345,36 @@ def choose_hypergrad_mode(
   state_bytes: int,
   residual_bytes: int,
   memory_budget_bytes: int | None = None,
+  max_unrolled: int = 4,
 ) -> ModeChoice:
-  """Forward, reverse or rematerialised reverse mode for T steps, K weights.
+  """Picks how to differentiate through T optimiser steps for K weights.
 
   The cost model, with ``S`` the bytes of the parameters and optimiser
   state, ``R`` the bytes reverse mode keeps per step beyond ``S``
   (:func:`step_residual_bytes`); times in training steps (one forward and
   one backward pass) per inner step of the round:
 
-  ================  =================  ======================
-  mode              time per step      memory
-  ================  =================  ======================
-  forward           ``1 + 1.5 K``      ``(K + 1) (S + R)``
-  reverse           ``3``              ``T (S + R) + S``
-  reverse_remat     ``4``              ``T S + R + S``
-  ================  =================  ======================
+  ================  =============  =====================  ===============
+  mode              time per step  memory                 program size
+  ================  =============  =====================  ===============
+  forward           ``1 + 1.5 K``  ``(K + 1) (S + R)``    one step, K-wide
+  reverse           ``3``          ``T (S + R) + S``      T steps
+  reverse_remat     ``4``          ``T S + R + S``        T steps
+  reverse_sweep     ``4``          ``T S + R + S``        one step
+  ================  =============  =====================  ===============
 
   (Replaying a step costs 1; reverse mode adds its backward pass, about 2
-  steps, and remat one more forward and backward of the step; forward mode
-  pushes K tangents through the step, each about 1.5 steps.) Among the modes
+  steps; remat and the sweep recompute each step's forward pass inside its
+  backward pass; forward mode pushes K tangents through each step, about 1.5
+  steps each.) ``reverse`` and ``reverse_remat`` differentiate the T
+  unrolled steps, so their compile time grows linearly with T (about 20 s
+  per step of a 2-layer byte LM on 2 CPU cores; ``benchmarks/bench_methods.py``);
+  they are candidates only for ``T <= max_unrolled``. Among the candidates
   whose memory fits ``memory_budget_bytes`` the fastest wins (ties: less
-  memory); if none fits, the one with the least memory. So a language model
-  with ``K`` of 3 or more domains uses a reverse mode unless T copies of its
-  state do not fit, and forward mode when even ``T S`` is too much.
+  memory, then the program that does not grow with T); if none fits, the
+  one with the least memory. So a language model with ``K >= 2`` domains
+  uses ``reverse`` for short rounds, ``reverse_sweep`` for long ones, and
+  ``forward`` only when T copies of its state do not fit.
 
   Another helper adds a cost model for Chapter 1's SGD steps
   (``methods.bilevel.choose_hypergrad_mode``) with constants fitted to its
@@ -286,6 +386,7 @@ def choose_hypergrad_mode(
     state_bytes: ``S``.
     residual_bytes: ``R``.
     memory_budget_bytes: bytes the hypergradient may keep; None: no limit.
+    max_unrolled: the longest round an unrolled program is considered for.
 
   Returns:
     A :class:`ModeChoice`.
@@ -298,6 +399,7 @@ def choose_hypergrad_mode(
     ("K", K, 1),
     ("state_bytes", state_bytes, 0),
     ("residual_bytes", residual_bytes, 0),
+    ("max_unrolled", max_unrolled, 1),
   ):
     if (
       not isinstance(value, (int, np.integer))
@@ -317,21 +419,30 @@ def choose_hypergrad_mode(
       "a positive integer or None (no limit)"
     )
   S, R = int(state_bytes), int(residual_bytes)
-  time = {"forward": 1.0 + 1.5 * K, "reverse": 3.0, "reverse_remat": 4.0}
+  time = {
+    "forward": 1.0 + 1.5 * K,
+    "reverse": 3.0,
+    "reverse_remat": 4.0,
+    "reverse_sweep": 4.0,
+  }
   memory = {
     "forward": (K + 1) * (S + R),
     "reverse": T * (S + R) + S,
     "reverse_remat": T * S + R + S,
+    "reverse_sweep": T * S + R + S,
   }
+  grows = {"reverse", "reverse_remat"}
+  candidates = [m for m in MODES if T <= max_unrolled or m not in grows]
   fits = [
     m
-    for m in MODES
+    for m in candidates
     if memory_budget_bytes is None or memory[m] <= memory_budget_bytes
   ]
+  rank = lambda m: m in grows
   if fits:
-    mode = min(fits, key=lambda m: (time[m], memory[m]))
+    mode = min(fits, key=lambda m: (time[m], memory[m], rank(m)))
   else:
-    mode = min(MODES, key=lambda m: (memory[m], time[m]))
+    mode = min(candidates, key=lambda m: (memory[m], time[m], rank(m)))
   return ModeChoice(mode, time, memory)
 
 

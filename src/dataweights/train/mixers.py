@@ -74,6 +74,19 @@ def _domain_B(method: Method, batch: dict) -> jax.Array:
   return batch["domain_B"]
 
 
+def _init_weights(method: Method, K: int) -> jax.Array:
+  w = getattr(method, "init_weights", ())
+  if not w:
+    return domain_weights.uniform_weights(K)
+  w = np.asarray(w, np.float64)
+  _check(
+    w.shape == (K,) and bool(np.all(np.isfinite(w) & (w >= 0))) and w.sum() > 0,
+    f"init_weights = {method.init_weights!r} are invalid; expected {K} finite "
+    "weights >= 0 (one per domain), not all zero",
+  )
+  return jnp.asarray(w / w.sum(), jnp.float32)
+
+
 def weight_metrics(prefix: str, w_K: jax.Array) -> dict[str, jax.Array]:
   """``{f"{prefix}/{k}": w_K[k]}``: a vector as scalar metrics."""
   return {f"{prefix}/{k}": w_K[k] for k in range(w_K.shape[0])}
@@ -157,12 +170,15 @@ class OnlineAlignment(Method):
     beta: EG step size per update.
     normalize: divide ``h`` by ``max_k |h_k|`` (``β`` bounds each change).
     apply: ``"loss"`` or ``"sample"``.
+    init_weights: the starting weights (default uniform); a zero weight
+      stays zero (a domain left out of the mixture).
   """
 
   name: str = "alignment"
   beta: float = 0.1
   normalize: bool = True
   apply: str = "loss"
+  init_weights: tuple[float, ...] = ()
   batches = ("valid",)
 
   def __post_init__(self):
@@ -185,7 +201,7 @@ class OnlineAlignment(Method):
   def init(self, params, key, num_domains):
     K = _need_domains(self, num_domains)
     return {
-      "eg": self._tx().init(domain_weights.uniform_weights(K)),
+      "eg": self._tx().init(_init_weights(self, K)),
       "h_K": jnp.zeros((K,), jnp.float32),
       "valid_loss": jnp.zeros((), jnp.float32),
     }
@@ -256,10 +272,14 @@ class HorizonMixing(Method):
     beta: EG step size per round.
     normalize: divide ``h`` by ``max_k |h_k|``.
     mode: ``"auto"`` (:func:`~dataweights.methods.horizon.choose_hypergrad_mode`),
-      ``"forward"``, ``"reverse"`` or ``"reverse_remat"``.
+      ``"forward"``, ``"reverse"``, ``"reverse_remat"`` or
+      ``"reverse_sweep"``.
     memory_budget_bytes: for ``"auto"``; None: no limit.
     batch_spec: ``((key, shape, dtype), ...)`` of a training batch
       (:func:`batch_spec`), to store the round's batches.
+    init_weights: the starting weights (default uniform).
+    unroll: unroll the replayed steps (see
+      :func:`~dataweights.methods.horizon.replay`).
   """
 
   name: str = "horizon"
@@ -269,6 +289,8 @@ class HorizonMixing(Method):
   mode: str = "auto"
   memory_budget_bytes: int | None = None
   batch_spec: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+  init_weights: tuple[float, ...] = ()
+  unroll: bool = True
   batches = ("valid",)
 
   def __post_init__(self):
@@ -303,7 +325,7 @@ class HorizonMixing(Method):
   def init_for_run(self, params, key, num_domains, tx):
     K = _need_domains(self, num_domains)
     return {
-      "eg": self._tx().init(domain_weights.uniform_weights(K)),
+      "eg": self._tx().init(_init_weights(self, K)),
       "theta0": jax.tree.map(jnp.array, params),
       "opt0": tx.init(params),
       "batches": {
@@ -385,6 +407,7 @@ class HorizonMixing(Method):
         loss_fn=loss_fn,
         tx=ctx.tx,
         mode=mode,
+        unroll=self.unroll,
       )
       h_K = h_K.astype(jnp.float32)
       _, eg = self._tx().update(h_K, ms["eg"])
