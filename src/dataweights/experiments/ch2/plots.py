@@ -32,33 +32,33 @@ def _forest(ax, names, cis, color="C0") -> None:
 
 
 def all_domains(data: dict[str, Any]) -> Figure:
-  """Average/worst held-out loss per method; per-domain Δ to stratified."""
+  """Paired Δ of average/worst loss per method; per-domain Δ heatmap."""
   fig = Figure(figsize=(13, 4.6), layout="constrained")
   ax0, ax1 = fig.subplots(1, 2, width_ratios=[1, 1.9])
   methods = data["methods"]
   rows = data["rows"]
   y = np.arange(len(methods))[::-1]
   for key, color, dy, name in (
-    ("avg", "C0", 0.12, "average"),
-    ("worst", "C3", -0.12, "worst domain"),
+    ("avg_minus_stratified", "C0", 0.12, "average over domains"),
+    ("worst_minus_stratified", "C3", -0.12, "worst domain"),
   ):
-    mean = np.array([rows[m][key]["mean"] for m in methods])
-    err = np.array(
-      [
-        [
-          rows[m][key]["mean"] - rows[m][key]["lo"],
-          rows[m][key]["hi"] - rows[m][key]["mean"],
-        ]
-        for m in methods
-      ]
-    ).T
+    ci = [rows[m][key] for m in methods]
+    mean = np.array([c["mean"] for c in ci])
+    err = np.array([[c["mean"] - c["lo"], c["hi"] - c["mean"]] for c in ci]).T
     ax0.errorbar(
       mean, y + dy, xerr=err, fmt="o", color=color, capsize=3, ms=5, label=name
     )
+  ax0.axvline(0, color="0.3", lw=1)
   ax0.set_yticks(y, [label(m) for m in methods], fontsize=8)
-  ax0.set_xlabel("held-out loss (nats/byte), 95% t-interval")
-  ax0.legend(fontsize=8, loc="lower right")
-  _style(ax0, "Target A: all domains")
+  ax0.set_xlabel("Δ held-out loss to stratified uniform (nats/byte)")
+  ax0.legend(
+    fontsize=8,
+    loc="upper center",
+    bbox_to_anchor=(0.5, -0.14),
+    ncol=2,
+    frameon=False,
+  )
+  _style(ax0, "Target A: paired differences, 95% t-intervals")
   d = np.array([rows[m]["loss_K_minus_stratified"] for m in methods])
   lim = max(float(np.abs(d).max()), 1e-6)
   im = ax1.imshow(
@@ -74,10 +74,11 @@ def all_domains(data: dict[str, Any]) -> Figure:
   ax1.set_yticks(range(len(methods)), [label(m) for m in methods], fontsize=8)
   for i in range(d.shape[0]):
     for j in range(d.shape[1]):
+      v = int(round(1000 * d[i, j]))
       ax1.text(
         j,
         i,
-        f"{1000 * d[i, j]:+.0f}",
+        f"{v:+d}" if v else "0",
         ha="center",
         va="center",
         fontsize=6.5,
@@ -86,7 +87,8 @@ def all_domains(data: dict[str, Any]) -> Figure:
   cb = fig.colorbar(im, ax=ax1, shrink=0.9)
   cb.set_label("Δ loss to stratified (nats/byte)", fontsize=8)
   ax1.set_title(
-    "per-domain held-out loss minus stratified uniform (mean over seeds, in millinats)",
+    "per-domain held-out loss minus stratified uniform "
+    "(mean over seeds, in millinats/byte)",
     fontsize=10,
   )
   return fig
