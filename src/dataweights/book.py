@@ -108,9 +108,7 @@ def chapters(root: Path | None = None) -> list[str]:
   return out
 
 
-def resolve_chapters(
-  names: Sequence[str], root: Path | None = None
-) -> list[str]:
+def resolve_chapters(names: Sequence[str], root: Path | None = None) -> list[str]:
   """Chapter stems for ``names``; every name is checked before any runs.
 
   A chapter may be named by its stem (``ch1_mixing``), its notebook
@@ -143,22 +141,16 @@ def _check_writable(directory: Path, what: str) -> None:
     if d.exists():
       break
   if not d.is_dir():
-    raise ChapterError(
-      f"{what}: {d} is not a directory; move it away or choose another folder"
-    )
+    raise ChapterError(f"{what}: {d} is not a directory; move it away or choose another folder")
   if d == directory:
     try:
       tempfile.NamedTemporaryFile(dir=directory).close()
     except OSError as e:
-      raise ChapterError(
-        f"{what}: cannot write in {directory} ({e.strerror}); "
-        "fix its permissions or choose another folder"
-      ) from None
+      raise ChapterError(f"{what}: cannot write in {directory} ({e.strerror}); "
+                         "fix its permissions or choose another folder") from None
   elif not os.access(d, os.W_OK | os.X_OK):
-    raise ChapterError(
-      f"{what}: cannot create {directory} under {d} (not writable); "
-      "fix its permissions or choose another folder"
-    )
+    raise ChapterError(f"{what}: cannot create {directory} under {d} (not writable); "
+                       "fix its permissions or choose another folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,13 +173,9 @@ def _check_parameters(src: Path) -> None:
       f"{src} is not a readable notebook ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
       f"restore it, e.g. `git checkout -- {src.relative_to(src.parents[1])}`"
     ) from None
-  cells = [
-    c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])
-  ]
+  cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
   if len(cells) != 1:
-    raise ChapterError(
-      f"{src.name} needs exactly one cell tagged 'parameters' (found {len(cells)})"
-    )
+    raise ChapterError(f"{src.name} needs exactly one cell tagged 'parameters' (found {len(cells)})")
   import papermill as pm
 
   inferred = pm.inspect_notebook(str(src))  # what papermill itself can parse
@@ -208,9 +196,7 @@ def _clean_notebook(nb, profile: str) -> None:
     if "injected-parameters" in tags:
       if profile == PUBLISHED_PROFILE:
         continue  # published notebooks keep their defaults (results_dir = "")
-      cell["source"] = (
-        f'# Parameters injected by `dataweights run`\nprofile = "{profile}"\n'
-      )
+      cell["source"] = f'# Parameters injected by `dataweights run`\nprofile = "{profile}"\n'
     md = cell.get("metadata", {})
     md.pop("papermill", None)
     md.pop("execution", None)
@@ -219,9 +205,7 @@ def _clean_notebook(nb, profile: str) -> None:
   nb.metadata.pop("papermill", None)  # per-run timestamps and paths
 
 
-def _publish(
-  tmp_nb: Path, tmp_results: Path, dest_nb: Path, dest_results: Path
-) -> None:
+def _publish(tmp_nb: Path, tmp_results: Path, dest_nb: Path, dest_results: Path) -> None:
   """Puts the new notebook and results in place together, or neither.
 
   Both are first staged next to their destinations (same file system, so
@@ -291,9 +275,7 @@ def run_chapter(
   book_dir = root / "book"
   src = book_dir / f"{chapter}.ipynb"
   if out_dir is None:
-    out_dir = (
-      book_dir if profile == PUBLISHED_PROFILE else root / "runs" / profile
-    )
+    out_dir = book_dir if profile == PUBLISHED_PROFILE else root / "runs" / profile
   out_dir = Path(out_dir)
   dest_nb = out_dir / f"{chapter}.ipynb"
   dest_results = out_dir / "results" / chapter
@@ -302,18 +284,12 @@ def run_chapter(
   # Everything that will be written is checked before anything runs.
   _check_writable(out_dir, "cannot publish the chapter")
   if dest_nb.exists() and not os.access(dest_nb, os.W_OK):
-    raise ChapterError(
-      f"cannot publish the chapter: {dest_nb} is not writable; fix its permissions"
-    )
+    raise ChapterError(f"cannot publish the chapter: {dest_nb} is not writable; fix its permissions")
   if dest_nb.exists() and not dest_nb.is_file():
-    raise ChapterError(
-      f"cannot publish the chapter: {dest_nb} is not a file; move it away"
-    )
+    raise ChapterError(f"cannot publish the chapter: {dest_nb} is not a file; move it away")
   _check_writable(dest_results.parent, "cannot publish the chapter's results")
   if dest_results.exists() and not dest_results.is_dir():
-    raise ChapterError(
-      f"cannot publish the chapter's results: {dest_results} is not a directory; move it away"
-    )
+    raise ChapterError(f"cannot publish the chapter's results: {dest_results} is not a directory; move it away")
   scratch_parent = root / "_build" / "scratch"
   _check_writable(scratch_parent, "no scratch space for the run")
   scratch_parent.mkdir(parents=True, exist_ok=True)
@@ -326,31 +302,22 @@ def run_chapter(
   try:
     try:
       pm.execute_notebook(
-        str(src),
-        str(tmp_nb),
+        str(src), str(tmp_nb),
         parameters={"profile": profile, "results_dir": str(tmp_results)},
-        kernel_name="python3",
-        cwd=str(book_dir),
-        progress_bar=progress,
+        kernel_name="python3", cwd=str(book_dir), progress_bar=progress,
       )
     except KeyboardInterrupt:
       raise ChapterInterrupted(
         f"chapter {chapter!r} interrupted after {time.perf_counter() - t0:.0f} s; "
         f"published outputs in {out_dir} were left untouched (run it again to redo it)"
       ) from None
-    except (
-      Exception
-    ) as e:  # papermill raises PapermillExecutionError and others
+    except Exception as e:  # papermill raises PapermillExecutionError and others
       failed = root / "_build" / "failed"
       failed.mkdir(parents=True, exist_ok=True)
       kept = failed / f"{chapter}.{profile}.ipynb"
       if tmp_nb.exists():
         shutil.copyfile(tmp_nb, kept)
-      detail = (
-        getattr(e, "evalue", None)
-        or str(e).strip().splitlines()[-1:]
-        or [repr(e)]
-      )
+      detail = getattr(e, "evalue", None) or str(e).strip().splitlines()[-1:] or [repr(e)]
       cell = getattr(e, "exec_count", None)
       where = f" in cell [{cell}]" if cell is not None else ""
       raise ChapterError(
@@ -371,9 +338,7 @@ def run_chapter(
       ) from e
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
-  log(
-    f"[dataweights] {chapter}: done in {wall:.0f} s -> {dest_nb.relative_to(root) if dest_nb.is_relative_to(root) else dest_nb}"
-  )
+  log(f"[dataweights] {chapter}: done in {wall:.0f} s -> {dest_nb.relative_to(root) if dest_nb.is_relative_to(root) else dest_nb}")
   return ChapterRun(chapter, profile, dest_nb, dest_results, wall)
 
 
@@ -394,45 +359,30 @@ def run_chapters(
   runs = []
   t0 = time.perf_counter()
   for i, name in enumerate(names, 1):
-    log(
-      f"[dataweights] chapter {i}/{len(names)}: {name} (elapsed {time.perf_counter() - t0:.0f} s)"
-    )
-    runs.append(
-      run_chapter(name, profile, root=root, progress=progress, log=log)
-    )
+    log(f"[dataweights] chapter {i}/{len(names)}: {name} (elapsed {time.perf_counter() - t0:.0f} s)")
+    runs.append(run_chapter(name, profile, root=root, progress=progress, log=log))
   return runs
 
 
-def build(
-  root: Path | None = None, *, log: Callable[[str], None] = print
-) -> Path:
+def build(root: Path | None = None, *, log: Callable[[str], None] = print) -> Path:
   """Builds the HTML book strictly (warnings are errors); returns index.html.
+
+  Every page is rebuilt (``--all``, a few seconds): an incremental build
+  leaves citation links of unchanged pages pointing at stale anchors.
 
   Raises:
     BuildError: the build emitted a warning or an error.
   """
   root = root or repo_root()
   exe = Path(sys.executable).with_name("jupyter-book")
-  cmd = [
-    str(exe) if exe.exists() else "jupyter-book",
-    "build",
-    str(root),
-    "--builder",
-    "html",
-    "-W",
-    "-n",
-    "--keep-going",
-  ]
+  cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(root),
+         "--builder", "html", "--all", "-W", "-n", "--keep-going"]
   log(f"[dataweights] building the book: {' '.join(cmd[1:])}")
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
   if proc.returncode != 0:
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
-    raise BuildError(
-      f"jupyter-book build failed (exit {proc.returncode}):\n{tail}"
-    )
+    raise BuildError(f"jupyter-book build failed (exit {proc.returncode}):\n{tail}")
   index = root / "_build" / "html" / "index.html"
-  log(
-    f"[dataweights] book built in {time.perf_counter() - t0:.0f} s: open {index}"
-  )
+  log(f"[dataweights] book built in {time.perf_counter() - t0:.0f} s: open {index}")
   return index
