@@ -77,7 +77,7 @@ def check_weights(
   if w_K.ndim != 1 or w_K.shape[0] < 1 or (k is not None and w_K.shape != (k,)):
     want = f"shape ({k},)" if k is not None else "a 1-D array of K >= 1"
     raise WeightsError(
-      f"{what} {_fmt(w_K)} have shape {w_K.shape}; expected {want} "
+      f"{what} {_fmt(w_K)} have shape {w_K.shape}; expected {want}: "
       f"{allowed}{per}"
     )
 
