@@ -29,44 +29,28 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="dataweights",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = argparse.ArgumentParser(prog="dataweights", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
 
-  b = sub.add_parser(
-    "book", help="prepare data, run all chapters, build the HTML book"
-  )
+  b = sub.add_parser("book", help="prepare data, run all chapters, build the HTML book")
   b.add_argument("--profile", default="book", choices=PROFILES)
   b.add_argument("--no-build", action="store_true", help="skip the HTML build")
   b.add_argument("--no-progress", action="store_true")
 
-  r = sub.add_parser(
-    "run", help="run chapters with papermill and publish their results"
-  )
-  r.add_argument(
-    "chapters", nargs="*", help="chapter names (see `dataweights list`)"
-  )
+  r = sub.add_parser("run", help="run chapters with papermill and publish their results")
+  r.add_argument("chapters", nargs="*", help="chapter names (see `dataweights list`)")
   r.add_argument("--all", action="store_true", help="run every chapter")
-  r.add_argument(
-    "--profile",
-    default="book",
-    choices=PROFILES,
-    help="book = the published CPU run; others go to runs/<profile>/",
-  )
+  r.add_argument("--profile", default="book", choices=PROFILES,
+                 help="book = the published CPU run; others go to runs/<profile>/")
   r.add_argument("--no-progress", action="store_true")
 
   sub.add_parser("build", help="build the HTML book strictly")
   sub.add_parser("list", help="list chapters")
 
   d = sub.add_parser("data", help="offline data sets")
-  d.add_argument(
-    "data_args",
-    nargs=argparse.REMAINDER,
-    help="`prepare [--only NAME ...] [--data-dir DIR] [--force] [--list]`",
-  )
+  d.add_argument("data_args", nargs=argparse.REMAINDER,
+                 help="`prepare [--only NAME ...] [--data-dir DIR] [--force] [--list]`")
   return p
 
 
@@ -98,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
       names = book.chapters() if args.all else args.chapters
       if not names:
-        _error(
-          "name at least one chapter or pass --all; chapters: "
-          + ", ".join(book.chapters())
-        )
+        _error("name at least one chapter or pass --all; chapters: " + ", ".join(book.chapters()))
         return EXIT_USAGE
       book.run_chapters(names, args.profile, progress=not args.no_progress)
     elif args.cmd == "book":

@@ -44,16 +44,8 @@ RESULTS_ENV = "DATAWEIGHTS_RESULTS_DIR"
 write their results (``$DATAWEIGHTS_RESULTS_DIR/<chapter>/``)."""
 
 _VERSIONED = (
-  "dataweights",
-  "jax",
-  "jaxlib",
-  "flax",
-  "optax",
-  "numpy",
-  "matplotlib",
-  "grain",
-  "tensorflow-datasets",
-  "orbax-checkpoint",
+  "dataweights", "jax", "jaxlib", "flax", "optax", "numpy", "matplotlib",
+  "grain", "tensorflow-datasets", "orbax-checkpoint",
 )
 
 
@@ -64,10 +56,7 @@ class ResultError(RuntimeError):
 def _git(*args: str) -> str | None:
   try:
     out = subprocess.run(
-      ["git", *args],
-      capture_output=True,
-      text=True,
-      timeout=10,
+      ["git", *args], capture_output=True, text=True, timeout=10,
       cwd=Path(__file__).resolve().parent,
     )
   except (OSError, subprocess.SubprocessError):
@@ -86,21 +75,12 @@ def _git_dirty() -> bool | None:
   Published results and notebooks themselves are ignored: a chapter run
   rewrites them, and they are what the run produces, not its inputs.
   """
-  out = _git(
-    "status",
-    "--porcelain",
-    "--untracked-files=no",
-    "--",
-    ".",
-    ":(top,exclude)book/results",
-    ":(top,exclude)book/*.ipynb",
-  )
+  out = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(top,exclude)book/results", ":(top,exclude)book/*.ipynb")
   return None if out is None else bool(out.strip())
 
 
-def provenance(
-  profile: str, wall_time_s: float | None = None
-) -> dict[str, Any]:
+def provenance(profile: str, wall_time_s: float | None = None) -> dict[str, Any]:
   """Where and how a result was computed: versions, device, profile, commit."""
   import jax  # local: keep this module importable without initialising jax
 
@@ -128,9 +108,7 @@ def provenance(
 def to_jsonable(x: Any) -> Any:
   """Converts numpy/jax arrays, scalars and dataclasses to plain JSON types."""
   if dataclasses.is_dataclass(x) and not isinstance(x, type):
-    return {
-      f.name: to_jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)
-    }
+    return {f.name: to_jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
   if isinstance(x, dict):
     return {str(k): to_jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
@@ -196,9 +174,7 @@ def save(
     "provenance": provenance(profile, wall_time_s),
   }
   path = Path(results_dir) / f"{name}.json"
-  atomic_write(
-    path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
-  )
+  atomic_write(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
   return path
 
 
@@ -225,9 +201,7 @@ def render_png(fig: Any) -> bytes:
   return buf.getvalue()
 
 
-def save_figure(
-  fig: Any, name: str, results_dir: str | os.PathLike[str] | None
-) -> Path | None:
+def save_figure(fig: Any, name: str, results_dir: str | os.PathLike[str] | None) -> Path | None:
   """Writes ``<results_dir>/<name>.png`` with :data:`PNG_KW`; no-op if falsy."""
   if not results_dir:
     return None
@@ -268,16 +242,10 @@ def load(name: str, results_dir: str | os.PathLike[str]) -> dict[str, Any]:
   try:
     record = json.loads(path.read_text())
   except FileNotFoundError as e:
-    raise ResultError(
-      f"no published result {name!r} at {path}; run the chapter first"
-    ) from e
+    raise ResultError(f"no published result {name!r} at {path}; run the chapter first") from e
   except json.JSONDecodeError as e:
-    raise ResultError(
-      f"published result {path} is corrupt ({e}); re-run the chapter"
-    ) from e
+    raise ResultError(f"published result {path} is corrupt ({e}); re-run the chapter") from e
   for key in ("name", "data", "provenance"):
     if key not in record:
-      raise ResultError(
-        f"published result {path} lacks the field {key!r}; re-run the chapter"
-      )
+      raise ResultError(f"published result {path} lacks the field {key!r}; re-run the chapter")
   return record

@@ -165,9 +165,7 @@ def test_method_state_is_sharded_like_the_parameters(mesh_name):
   runs = {}
   for name in (None, mesh_name):
     mesh = None if name is None else sharding.make_mesh(MESHES[name])
-    trainer = Trainer(
-      MODEL, _cfg(), mesh=mesh, domain_names=NAMES, method=GradMemory()
-    )
+    trainer = Trainer(MODEL, _cfg(), mesh=mesh, domain_names=NAMES, method=GradMemory())
     runs[name] = trainer.run({"train": batch_fn, "valid": _valid_fn})[0]
   state = runs[mesh_name]
   v = state.extra["method"]["v"]
@@ -176,8 +174,5 @@ def test_method_state_is_sharded_like_the_parameters(mesh_name):
   kernel = v["blocks"][0]["mlp"]["fc"]["kernel"]
   assert kernel.addressable_shards[0].data.shape == (4, 64)  # 1/8 of D
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(v))
-  for a, b in zip(
-    jax.tree.leaves(jax.device_get(state)),
-    jax.tree.leaves(jax.device_get(runs[None])),
-  ):
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(runs[None]))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -22,17 +22,6 @@ from dataweights.configs.base import (
 from dataweights.configs.lm import MeshConfig, ModelConfig, lm_model, mesh
 
 __all__ = [
-  "PROFILES",
-  "ConfigError",
-  "MeshConfig",
-  "ModelConfig",
-  "check_profile",
-  "data",
-  "from_profile",
-  "lm",
-  "lm_model",
-  "mesh",
-  "mixing",
-  "run",
-  "train",
+  "PROFILES", "ConfigError", "MeshConfig", "ModelConfig", "check_profile",
+  "data", "from_profile", "lm", "lm_model", "mesh", "mixing", "run", "train",
 ]

@@ -19,7 +19,6 @@ from typing import Any
 
 PROFILES: tuple[str, ...] = ("smoke", "book", "paper")
 
-
 class ConfigError(ValueError):
   """An invalid config value or an unknown profile."""
 
@@ -38,9 +37,7 @@ def check_positive(cfg: Any, *names: str, allow_zero: bool = False) -> None:
   for name in names:
     value = getattr(cfg, name)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = (
-      ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    )
+    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
       bound = ">= 0" if allow_zero else "> 0"
       raise ConfigError(

@@ -116,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
       file=sys.stderr,
     )
     return 1
-  print(
-    json.dumps(
-      {"data_dir": str(root), "datasets": res}, indent=1, sort_keys=True
-    )
-  )
+  print(json.dumps({"data_dir": str(root), "datasets": res}, indent=1, sort_keys=True))
   return 0
 
 

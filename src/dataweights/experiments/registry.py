@@ -41,9 +41,7 @@ class Published:
   plot: Callable[[dict[str, Any]], Any] | None = None
   rtol: float = 1e-4
   atol: float = 1e-6
-  note: str = (
-    "float32 on CPU is deterministic run to run; 1e-4 absorbs XLA version noise"
-  )
+  note: str = "float32 on CPU is deterministic run to run; 1e-4 absorbs XLA version noise"
   config: Callable[[str], Any] | None = None
   summary: Callable[[dict[str, Any]], str] | None = None
 
@@ -122,15 +120,11 @@ def publish(
   from dataweights import results
 
   if name not in REGISTRY:
-    raise KeyError(
-      f"unknown published result {name!r}; known: {', '.join(sorted(REGISTRY))}"
-    )
+    raise KeyError(f"unknown published result {name!r}; known: {', '.join(sorted(REGISTRY))}")
   entry = REGISTRY[name]
   if isinstance(profile_or_cfg, str):
     if entry.config is None:
-      raise ValueError(
-        f"{name!r} has no config factory; pass its config object"
-      )
+      raise ValueError(f"{name!r} has no config factory; pass its config object")
     cfg = entry.config(profile_or_cfg)
   else:
     cfg = profile_or_cfg
@@ -161,7 +155,5 @@ def _tuplify(x: Any) -> Any:
 def config_from_record(entry: Published, stored: dict[str, Any]) -> Any:
   """Rebuilds the config stored in a published JSON (lists back to tuples)."""
   if not isinstance(stored, dict):
-    raise ValueError(
-      f"published result {entry.name!r} stores no config dict (got {stored!r})"
-    )
+    raise ValueError(f"published result {entry.name!r} stores no config dict (got {stored!r})")
   return entry.make_config(**{k: _tuplify(v) for k, v in stored.items()})

@@ -31,22 +31,9 @@ from dataweights.methods.simplex import (
 )
 
 __all__ = [
-  "MixingError",
-  "MixingProblem",
-  "MixingTrace",
-  "NonFiniteHypergradientError",
-  "SimplexError",
-  "check_simplex",
-  "eg_update",
-  "hypergrad_forward",
-  "hypergrad_implicit",
-  "hypergrad_reverse",
-  "inner_steps",
-  "natural_weights",
-  "project_simplex",
-  "projected_update",
-  "run_mixing",
-  "solve_inner",
-  "train_fixed",
-  "uniform_weights",
+  "MixingError", "MixingProblem", "MixingTrace", "NonFiniteHypergradientError",
+  "SimplexError", "check_simplex", "eg_update", "hypergrad_forward",
+  "hypergrad_implicit", "hypergrad_reverse", "inner_steps", "natural_weights",
+  "project_simplex", "projected_update", "run_mixing", "solve_inner",
+  "train_fixed", "uniform_weights",
 ]

@@ -181,9 +181,7 @@ def noisy_quadratic_losses(
   """
   exact, val_loss = quadratic_losses(q, dtype)
 
-  def domain_losses(
-    theta_D: jax.Array, batch: Batch | None = None
-  ) -> jax.Array:
+  def domain_losses(theta_D: jax.Array, batch: Batch | None = None) -> jax.Array:
     loss_K = exact(theta_D)
     if batch is None:
       return loss_K
@@ -192,9 +190,7 @@ def noisy_quadratic_losses(
   return domain_losses, val_loss
 
 
-def noise_sampler(
-  K: int, D: int, sigma: float, T: int
-) -> Callable[[PRNGKey], Batch]:
+def noise_sampler(K: int, D: int, sigma: float, T: int) -> Callable[[PRNGKey], Batch]:
   """``key -> {"xi": TxKxD}``, i.i.d. ``N(0, σ²)`` gradient noise per step."""
 
   def batch_fn(key: PRNGKey) -> Batch:
@@ -432,13 +428,8 @@ def sample_domain(
   k_y, k_x, k_f = jax.random.split(key, 3)
   y_M = jax.random.bernoulli(k_y, 0.5, (n,))
   sign_M = 2.0 * y_M.astype(jnp.float32) - 1.0
-  z_MxD = sign_M[:, None] * mean_D[None] + jax.random.normal(
-    k_x, (n, mean_D.shape[-1])
-  )
-  x_MxD = (
-    z_MxD
-    * jnp.broadcast_to(jnp.asarray(scale_D, jnp.float32), mean_D.shape)[None, :]
-  )
+  z_MxD = sign_M[:, None] * mean_D[None] + jax.random.normal(k_x, (n, mean_D.shape[-1]))
+  x_MxD = z_MxD * jnp.broadcast_to(jnp.asarray(scale_D, jnp.float32), mean_D.shape)[None, :]
   flipped_M = jax.random.bernoulli(k_f, flip, (n,))
   y_M = jnp.where(flipped_M, ~y_M, y_M)
   return x_MxD, y_M.astype(jnp.float32)
@@ -483,12 +474,8 @@ def make_datasets(
   mask = (np.arange(M)[None, :] < n_K[:, None]).astype(np.float32)
   xv, yv = sample_domain(k_val, g.val_mean_D, n_val)
   return {
-    "x_KxMxD": x,
-    "y_KxM": y,
-    "mask_KxM": jnp.asarray(mask),
-    "n_K": jnp.asarray(n_K, jnp.int32),
-    "x_val_MxD": xv,
-    "y_val_M": yv,
+    "x_KxMxD": x, "y_KxM": y, "mask_KxM": jnp.asarray(mask),
+    "n_K": jnp.asarray(n_K, jnp.int32), "x_val_MxD": xv, "y_val_M": yv,
   }
 
 

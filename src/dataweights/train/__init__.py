@@ -16,16 +16,7 @@ from dataweights.train.state import TrainState, abstract_state, init_train_state
 from dataweights.train.step import jit_train_step, lm_loss, make_train_step
 
 __all__ = [
-  "NonFiniteError",
-  "TrainState",
-  "Trainer",
-  "abstract_state",
-  "init_train_state",
-  "jit_train_step",
-  "lm_from_state",
-  "lm_loss",
-  "make_optimizer",
-  "make_schedule",
-  "make_train_step",
-  "train_lm",
+  "NonFiniteError", "TrainState", "Trainer", "abstract_state", "init_train_state",
+  "jit_train_step", "lm_from_state", "lm_loss", "make_optimizer",
+  "make_schedule", "make_train_step", "train_lm",
 ]

@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if ckpt.exists() and (done := CheckpointManager(ckpt).latest_step()):
       print(f"[example] resuming from the checkpoint at step {done}")
-    state, history = train_lm(model_cfg, train_cfg, sampler, domain_names=names)
+    state, history = train_lm(
+      model_cfg, train_cfg, sampler, domain_names=names
+    )
   except CheckpointError as e:
     print(
       f"error: {e}\n  to start over: add --fresh (deletes {ckpt}), or "

@@ -66,7 +66,9 @@ class _Source:
       return self.source(step)
     if self.kind == "sampler":
       return (
-        self.source.next_batch() if self.takes_weights else next(self.source)
+        self.source.next_batch()
+        if self.takes_weights
+        else next(self.source)
       )
     return next(self.it)
 
@@ -103,9 +105,7 @@ class Feeder:
   """
 
   def __init__(self, sources: Any, *, lag: int = 1):
-    if not isinstance(sources, Mapping) or not all(
-      isinstance(k, str) for k in sources
-    ):
+    if not isinstance(sources, Mapping) or not all(isinstance(k, str) for k in sources):
       sources = {"train": sources}
     if "train" not in sources:
       raise FeederError(

@@ -349,9 +349,7 @@ class Trainer:
           if last_saved is not None
           else "no checkpoint was saved yet"
         )
-        good = self.state.replace(
-          halted=jax.numpy.zeros_like(self.state.halted)
-        )
+        good = self.state.replace(halted=jax.numpy.zeros_like(self.state.halted))
         raise NonFiniteError(
           f"non-finite training metrics at step {done}: {', '.join(bad)} "
           f"(loss={m['loss']}, grad_norm={m['grad_norm']}); the update was "

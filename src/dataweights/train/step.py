@@ -258,12 +258,9 @@ def make_train_step(
 
     def params_grad(params, batch, weight_B):
       loss, loss_B, grads, _ = grad_fn(
-        params,
-        state.model_state,
-        batch,
+        params, state.model_state, batch,
         jnp.ones(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
-        if weight_B is None
-        else jax.lax.stop_gradient(weight_B),
+        if weight_B is None else jax.lax.stop_gradient(weight_B),
         None,
       )
       return loss, loss_B, grads
