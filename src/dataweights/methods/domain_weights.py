@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from dataweights.errors import WeightsError
 from dataweights.methods import mixing, simplex
 
 
@@ -60,7 +61,7 @@ def natural_weights(sizes_K: ArrayLike) -> jax.Array:
   """Weights proportional to the domains' sizes (tokens or documents).
 
   Raises:
-    MixingError: not 1-D, or a size not finite and > 0.
+    WeightsError: not 1-D, or a size not finite and > 0.
   """
   return mixing.natural_weights(sizes_K)
 
@@ -80,7 +81,8 @@ def temperature_weights(sizes_K: ArrayLike, tau: float) -> jax.Array:
     ``w_K`` on the simplex (float32).
 
   Raises:
-    ValueError: ``tau`` not finite and ``>= 1``, or a size not > 0.
+    ValueError: ``tau`` not finite and ``>= 1``.
+    WeightsError: a size not finite and > 0.
   """
   if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 1):
     raise ValueError(
@@ -89,7 +91,7 @@ def temperature_weights(sizes_K: ArrayLike, tau: float) -> jax.Array:
     )
   n_K = np.asarray(sizes_K, np.float64)
   if n_K.ndim != 1 or n_K.size == 0 or not np.all(np.isfinite(n_K) & (n_K > 0)):
-    raise ValueError(
+    raise WeightsError(
       f"sizes {n_K.tolist()} are invalid; expected a 1-D array of K >= 1 "
       "finite sizes > 0"
     )
