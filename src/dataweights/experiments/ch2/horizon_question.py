@@ -47,6 +47,7 @@ def run(cfg: configs.LMMixingConfig) -> dict[str, Any]:
       else f"held-out loss of {cfg.target}",
       "reference": ref,
       "reference_value": common.t_interval(base),
+      "methods": list(others),  # the order of the table and figure rows
       "rows": {
         m: {
           "value": common.t_interval(_metric(cfg, target, all_runs[target][m])),
@@ -67,9 +68,11 @@ def run(cfg: configs.LMMixingConfig) -> dict[str, Any]:
 def summary(data: dict[str, Any]) -> str:
   """The paired differences to T = 1 and whether their intervals exclude 0."""
   lines = []
-  for target, d in data["targets"].items():
+  for target in sorted(data["targets"]):
+    d = data["targets"][target]
     rows = []
-    for m, r in d["rows"].items():
+    for m in d["methods"]:
+      r = d["rows"][m]
       ci = r["minus_reference"]
       verdict = (
         "better"

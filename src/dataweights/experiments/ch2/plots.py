@@ -145,7 +145,13 @@ def weights(data: dict[str, Any]) -> Figure:
   names = data["domains"]
   for ax, p in zip(axes, panels):
     w = np.asarray(p["w_SxK"])
-    ax.stackplot(p["steps"], w.T, colors=DOMAIN_COLORS[: len(names)], lw=0)
+    ax.stackplot(
+      p["steps"],
+      w.T,
+      colors=DOMAIN_COLORS[: len(names)],
+      edgecolor="white",
+      lw=0.4,
+    )
     ax.set_xlim(p["steps"][0], p["steps"][-1])
     ax.set_ylim(0, 1)
     tgt = "A: all domains" if p["target"] == "A" else f"B: {data['target']}"
@@ -171,8 +177,9 @@ def horizon(data: dict[str, Any]) -> Figure:
   targets = data["targets"]
   fig = Figure(figsize=(11, 2.9), layout="constrained")
   axes = fig.subplots(1, len(targets))
-  for ax, (t, d) in zip(np.atleast_1d(axes), targets.items()):
-    names = list(d["rows"])
+  for ax, t in zip(np.atleast_1d(axes), sorted(targets)):
+    d = targets[t]
+    names = d["methods"]
     _forest(ax, names, [d["rows"][m]["minus_reference"] for m in names])
     ax.axvline(0, color="0.3", lw=1)
     ax.set_xlabel(
