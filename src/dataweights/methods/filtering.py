@@ -165,6 +165,7 @@ class FilterMethod(Method):
   meta_lr: float = 1e-3
   meta_every: int = 1
   output: str = "softmax"  # how scores become weights (class constant)
+  shift_invariant: bool = True  # weights unchanged by a constant score shift
 
   def __post_init__(self):
     sel.check_selection(self.selection)
@@ -180,13 +181,20 @@ class FilterMethod(Method):
     )
 
   # -- pieces --------------------------------------------------------------
+  @property
+  def score_cfg(self) -> wn.ScorerConfig:
+    """The scorer as used: no score bias where weights ignore it."""
+    if self.shift_invariant and self.scorer.score_bias:
+      return dataclasses.replace(self.scorer, score_bias=False)
+    return self.scorer
+
   def phi_tx(self) -> optax.GradientTransformation:
     """φ's optimiser."""
     return optax.adam(self.meta_lr)
 
   def scores(self, phi: Any, batch: Batch) -> jax.Array:
     """``s_B``, the raw scores of the weighting network."""
-    return wn.apply_scorer(self.scorer, "score", phi, batch)
+    return wn.apply_scorer(self.score_cfg, "score", phi, batch)
 
   def weights(self, phi: Any, batch: Batch) -> jax.Array:
     """``w_B``: scores normalised as this method wants them."""
@@ -229,7 +237,7 @@ class FilterMethod(Method):
 
   def init(self, params, key, num_domains):
     del params, num_domains
-    phi = wn.init_scorer(self.scorer, "score", key)
+    phi = wn.init_scorer(self.score_cfg, "score", key)
     return {"phi": phi, "phi_opt": self.phi_tx().init(phi)}
 
   def select(self, mstate, ctx):
@@ -317,6 +325,7 @@ class Anograd(FilterMethod):
 
   name: str = "anograd"
   output: str = "softplus"
+  shift_invariant: bool = False
   eps: float = 1e-6
 
   def meta_step(self, core, ctx, batch, scratch):
@@ -468,6 +477,7 @@ class Classifier(FilterMethod):
 
   name: str = "classifier"
   selection: str = "topk"
+  shift_invariant: bool = False  # the logistic loss needs the offset
 
   def select(self, mstate, ctx):
     b, _ = self.sizes(ctx)

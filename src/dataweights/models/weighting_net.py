@@ -72,6 +72,10 @@ class ScorerConfig:
     hidden: width of the hidden layer (image).
     num_classes: label classes (image).
     param_dtype: ``float32`` (float64 for gradient checks).
+    score_bias: a bias on the bytes score head. Weights normalised by a
+      softmax over the batch do not depend on it (its gradient is exactly
+      zero, so an adaptive optimiser would only random-walk it on float
+      noise): DDS and SOBA drop it.
   """
 
   modality: str = "bytes"
@@ -83,6 +87,7 @@ class ScorerConfig:
   hidden: int = 64
   num_classes: int = 10
   param_dtype: str = "float32"
+  score_bias: bool = True
 
   def __post_init__(self):
     check_choice(self, "modality", MODALITIES)
@@ -97,6 +102,7 @@ class ScorerConfig:
       "num_classes",
     )
     check_choice(self, "param_dtype", tuple(_DTYPES))
+    check_choice(self, "score_bias", (True, False))
 
 
 class ByteScorer(nnx.Module):
@@ -128,6 +134,7 @@ class ByteScorer(nnx.Module):
     self.out = nnx.Linear(
       cfg.channels,
       out,
+      use_bias=head != "score" or cfg.score_bias,
       kernel_init=nnx.initializers.zeros,
       param_dtype=dt,
       dtype=dt,
