@@ -11,6 +11,7 @@ from dataweights.experiments import (  # noqa: F401  (imported to register)
   ch1_horizon_minibatch,
   ch1_hypergrad,
   ch1_scaling,
+  ch3,
 )
 from dataweights.experiments.registry import (
   REGISTRY,

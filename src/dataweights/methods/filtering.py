@@ -112,11 +112,22 @@ def _entropy_frac(logw_N: jax.Array) -> jax.Array:
   return ent / jnp.log(jnp.asarray(logw_N.shape[0], ent.dtype))
 
 
+def _flag_metric(batch: Batch) -> dict[str, jax.Array]:
+  """``kept_flag``: the mean ``flag_B`` (e.g. corrupted labels) of the rows
+  the step trains on, when the batch marks rows."""
+  if "flag_B" not in batch:
+    return {}
+  return {"kept_flag": jnp.mean(batch["flag_B"].astype(jnp.float32))}
+
+
 @dataclasses.dataclass(frozen=True)
 class Base(Method):
   """Standard training on generic data: the ``"train"`` rows as they come."""
 
   name: str = "base"
+
+  def update(self, mstate, ctx, grads, loss_B, batch):
+    return grads, mstate, _flag_metric(batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +154,7 @@ class Mixing(Method):
       ctx.params, ctx.batches["specific"], None
     )
     grads = jax.tree.map(lambda a, b: (1 - lam) * a + lam * b, grads, g_spec)
-    return grads, mstate, {"spec_loss": spec_loss}
+    return grads, mstate, {"spec_loss": spec_loss, **_flag_metric(batch)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +267,9 @@ class FilterMethod(Method):
     }
     if iw_B is not None:
       scratch["iw_mean"] = jnp.mean(iw_B)
-    return sel.take_rows(gen, idx_B), iw_B, {**mstate, _SCRATCH: scratch}
+    kept = sel.take_rows(gen, idx_B)
+    scratch["metrics"].update(_flag_metric(kept))
+    return kept, iw_B, {**mstate, _SCRATCH: scratch}
 
   def meta_step(
     self, core: dict, ctx: StepContext, batch: Batch, scratch: dict
@@ -515,11 +528,16 @@ class Classifier(FilterMethod):
     idx_B, iw_B = sel.select(
       jax.random.fold_in(ctx.key, 1), s_G, b, self.selection
     )
-    metrics = {"clf_loss": out["clf_loss"], "w_entropy": _entropy_frac(s_G)}
+    kept = sel.take_rows(gen, idx_B)
+    metrics = {
+      "clf_loss": out["clf_loss"],
+      "w_entropy": _entropy_frac(s_G),
+      **_flag_metric(kept),
+    }
     new = {**mstate, **core, _SCRATCH: {"metrics": metrics}}
     if iw_B is not None:
       new[_SCRATCH]["iw_mean"] = jnp.mean(iw_B)
-    return sel.take_rows(gen, idx_B), iw_B, new
+    return kept, iw_B, new
 
   def update(self, mstate, ctx, grads, loss_B, batch):
     core = {k: v for k, v in mstate.items() if k != _SCRATCH}
@@ -577,8 +595,11 @@ class CDS(FilterMethod):
     )
     idx_rand = sel.random_rows(jax.random.fold_in(ctx.key, 1), g, b)
     idx_B = jnp.where(ctx.step < self.warmup, idx_rand, idx_top)
-    scratch = {"metrics": {"cds_score_mean": jnp.mean(score_G)}}
-    return sel.take_rows(gen, idx_B), None, {**mstate, _SCRATCH: scratch}
+    kept = sel.take_rows(gen, idx_B)
+    scratch = {
+      "metrics": {"cds_score_mean": jnp.mean(score_G), **_flag_metric(kept)}
+    }
+    return kept, None, {**mstate, _SCRATCH: scratch}
 
   def meta_step(self, core, ctx, batch, scratch):
     b, g = self.sizes(ctx)
