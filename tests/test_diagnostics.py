@@ -18,7 +18,10 @@ def x64():
 def _loss_B(theta, batch):
   logits = batch["x"] @ theta["w"] + theta["b"][None, :]
   y = batch["y"]
-  return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
+  return (
+    jax.nn.logsumexp(logits, -1)
+    - jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
+  )
 
 
 def _batch(rng, m, shift):
@@ -34,8 +37,12 @@ def test_rates_equal_the_explicit_cosine_comparison():
   s_ref, g_ref = _batch(rng, 20, 1.0), _batch(rng, 20, -1.0)
   s_ev, g_ev = _batch(rng, 31, 1.0), _batch(rng, 29, -1.0)
   got = diagnostics.alignment_rates(
-    _loss_B, theta, specific_ref=s_ref, generic_ref=g_ref,
-    specific_eval=s_ev, generic_eval=g_ev,
+    _loss_B,
+    theta,
+    specific_ref=s_ref,
+    generic_ref=g_ref,
+    specific_eval=s_ev,
+    generic_eval=g_ev,
   )
   flat, unravel = ravel_pytree(theta)
 
@@ -52,7 +59,9 @@ def test_rates_equal_the_explicit_cosine_comparison():
   np.testing.assert_allclose(got["sar"], rate(s_ev))
   np.testing.assert_allclose(got["gar"], rate(g_ev))
   np.testing.assert_allclose(
-    got["cos_sg"], gs @ gg / (np.linalg.norm(gs) * np.linalg.norm(gg)), rtol=1e-10
+    got["cos_sg"],
+    gs @ gg / (np.linalg.norm(gs) * np.linalg.norm(gg)),
+    rtol=1e-10,
   )
 
 
@@ -68,7 +77,11 @@ def test_rates_are_high_for_look_alikes_and_low_for_others():
     return {"x": jnp.asarray(rng.normal(size=(m, 5))), "y": jnp.full(m, label)}
 
   got = diagnostics.alignment_rates(
-    _loss_B, theta, specific_ref=batch(32, 0), generic_ref=batch(32, 2),
-    specific_eval=batch(40, 0), generic_eval=batch(40, 2),
+    _loss_B,
+    theta,
+    specific_ref=batch(32, 0),
+    generic_ref=batch(32, 2),
+    specific_eval=batch(40, 0),
+    generic_eval=batch(40, 2),
   )
   assert got["sar"] > 0.8 and got["gar"] < 0.2, got

@@ -19,8 +19,14 @@ def _domain(name, seed, n=7):
   rng = np.random.default_rng(seed)
   return DomainSource(
     name,
-    [{"text": bytes(rng.integers(97, 123, rng.integers(1, 40)).astype(np.uint8))}
-     for _ in range(n)],
+    [
+      {
+        "text": bytes(
+          rng.integers(97, 123, rng.integers(1, 40)).astype(np.uint8)
+        )
+      }
+      for _ in range(n)
+    ],
   )
 
 
@@ -46,14 +52,21 @@ def test_mixture_pack_batches_equal_the_per_row_reference():
     want = np.full((16, 9), 256, np.int32)
     for r, d in enumerate(batch["domain_B"].tolist()):
       cursors[d].fill(want[r], "pack")
-    np.testing.assert_array_equal(batch["tokens_BxL"], want, err_msg=f"step {step}")
+    np.testing.assert_array_equal(
+      batch["tokens_BxL"], want, err_msg=f"step {step}"
+    )
     assert batch["mask_BxL"].all()
 
 
 def _streams(seed=0):
   gen = [_domain("a", 1), _domain("b", 2), _domain("c", 3)]
   cfg = pipeline.pipeline(
-    "smoke", seq_len=9, batch_size=4, downsampling=3, specific_batch_size=5, seed=seed
+    "smoke",
+    seq_len=9,
+    batch_size=4,
+    downsampling=3,
+    specific_batch_size=5,
+    seed=seed,
   )
   return mixture.FilterStreams(gen, _domain("t", 9), cfg)
 
@@ -80,7 +93,9 @@ def test_prefetch_gives_the_same_batches(prefetch):
   feed.close()
   _same(got, ref)
   b = ref[3]
-  np.testing.assert_array_equal(b["train"]["tokens_BxL"], b["generic"]["tokens_BxL"][:4])
+  np.testing.assert_array_equal(
+    b["train"]["tokens_BxL"], b["generic"]["tokens_BxL"][:4]
+  )
   assert b["generic"]["tokens_BxL"].shape == (12, 9)
   assert b["specific"]["tokens_BxL"].shape == (5, 9)
 
@@ -106,10 +121,14 @@ def test_array_streams_are_a_function_of_seed_and_step():
   rng = np.random.default_rng(0)
   gen = {"x_BxHxW": rng.normal(size=(50, 2, 2)), "y_B": np.arange(50)}
   spec = {"x_BxHxW": rng.normal(size=(9, 2, 2)), "y_B": np.arange(9)}
-  s1 = filter_feed.ArrayStreams(gen, spec, generic_batch_size=20, specific_batch_size=4)
+  s1 = filter_feed.ArrayStreams(
+    gen, spec, generic_batch_size=20, specific_batch_size=4
+  )
   draws = [s1.next() for _ in range(5)]
   assert all(len(set(g["y_B"].tolist())) == 20 for g, _ in draws)  # distinct
-  s2 = filter_feed.ArrayStreams(gen, spec, generic_batch_size=20, specific_batch_size=4)
+  s2 = filter_feed.ArrayStreams(
+    gen, spec, generic_batch_size=20, specific_batch_size=4
+  )
   s2.set_state({**s1.get_state(), "step": 3})
   g, sp = s2.next()
   np.testing.assert_array_equal(g["y_B"], draws[3][0]["y_B"])
@@ -117,10 +136,14 @@ def test_array_streams_are_a_function_of_seed_and_step():
   other = filter_feed.ArrayStreams(
     gen, spec, generic_batch_size=20, specific_batch_size=4, seed=1
   )
-  with pytest.raises(ValueError, match="seed = 0 but these streams have seed = 1"):
+  with pytest.raises(
+    ValueError, match="seed = 0 but these streams have seed = 1"
+  ):
     other.set_state(s1.get_state())
   with pytest.raises(ValueError, match="must have the same keys"):
-    filter_feed.ArrayStreams(gen, {"y_B": spec["y_B"]}, generic_batch_size=2, specific_batch_size=2)
+    filter_feed.ArrayStreams(
+      gen, {"y_B": spec["y_B"]}, generic_batch_size=2, specific_batch_size=2
+    )
 
 
 def test_a_failing_stream_raises_in_the_consumer():

@@ -49,21 +49,37 @@ def _domains():
   rng = np.random.default_rng(0)
   mk = lambda name, lo, hi: DomainSource(  # noqa: E731
     name,
-    [{"text": bytes(rng.integers(lo, hi, rng.integers(10, 50)).astype(np.uint8))}
-     for _ in range(20)],
+    [
+      {
+        "text": bytes(
+          rng.integers(lo, hi, rng.integers(10, 50)).astype(np.uint8)
+        )
+      }
+      for _ in range(20)
+    ],
   )
-  return [mk("a", 97, 110), mk("b", 110, 123), mk("n", 33, 64)], mk("t", 97, 105)
+  return [mk("a", 97, 110), mk("b", 110, 123), mk("n", 33, 64)], mk(
+    "t", 97, 105
+  )
 
 
 def _run(method, mesh_name):
   gen, spec = _domains()
   feed = filter_feed.FilterFeed(mixture.FilterStreams(gen, spec, PIPE), 8)
   cfg = train_configs.train(
-    "smoke", batch_size=8, steps=3, optimizer="sgd", b1=0.9,
-    learning_rate=0.3, warmup_steps=0, schedule="constant",
+    "smoke",
+    batch_size=8,
+    steps=3,
+    optimizer="sgd",
+    b1=0.9,
+    learning_rate=0.3,
+    warmup_steps=0,
+    schedule="constant",
   )
   mesh = None if mesh_name is None else sharding.make_mesh(MESHES[mesh_name])
-  trainer = Trainer(MODEL, cfg, mesh=mesh, method=method, domain_names=("a", "b", "n"))
+  trainer = Trainer(
+    MODEL, cfg, mesh=mesh, method=method, domain_names=("a", "b", "n")
+  )
   state, hist = trainer.run(feed.sources())
   return state, hist
 
@@ -75,7 +91,8 @@ def test_sharded_filtering_equals_one_device(method, mesh_name):
   ref, ref_hist = _run(METHODS[method], None)
   state, hist = _run(METHODS[method], mesh_name)
   for a, b in zip(
-    jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(ref)),
+    jax.tree.leaves(jax.device_get(state)),
+    jax.tree.leaves(jax.device_get(ref)),
     strict=True,
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

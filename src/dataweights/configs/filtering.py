@@ -33,16 +33,43 @@ from dataweights.configs.base import (
 )
 
 METHOD_NAMES: tuple[str, ...] = (
-  "base", "mixing", "classifier", "cds", "dds", "anograd", "soba",
+  "base",
+  "mixing",
+  "classifier",
+  "cds",
+  "dds",
+  "anograd",
+  "soba",
 )
 """Every method of the chapter's tables, in table order."""
-SELECTION_METHODS: tuple[str, ...] = ("classifier", "cds", "dds", "anograd", "soba")
+SELECTION_METHODS: tuple[str, ...] = (
+  "classifier",
+  "cds",
+  "dds",
+  "anograd",
+  "soba",
+)
 """The methods that select generic data (mixing trains on the target)."""
 TEXT_DOMAINS: tuple[str, ...] = (
-  "fiction", "encyclopaedic", "news", "forum", "dialogue", "social", "code",
-  "legal", "religious", "glossary", "chat",
+  "fiction",
+  "encyclopaedic",
+  "news",
+  "forum",
+  "dialogue",
+  "social",
+  "code",
+  "legal",
+  "religious",
+  "glossary",
+  "chat",
 )
-IMAGE_TARGETS: tuple[str, ...] = ("uci", "uci_0to4", "mnist_0to4", "noisy_0.2", "noisy_0.4")
+IMAGE_TARGETS: tuple[str, ...] = (
+  "uci",
+  "uci_0to4",
+  "mnist_0to4",
+  "noisy_0.2",
+  "noisy_0.4",
+)
 """Image targets: the UCI digits (a real shift), class subsets, clean MNIST
 under label noise of the given rate."""
 
@@ -64,7 +91,9 @@ _METHOD_FIELDS: dict[str, Any] = dict(
 def _check_methods(cfg: Any) -> None:
   check_positive(cfg, "meta_lr", "dds_lookahead_lr", "anograd_eps", "soba_v_lr")
   check_positive(cfg, "soba_damping", allow_zero=True)
-  check_choice(cfg, "selection", ("sample", "replacement", "topk", "importance"))
+  check_choice(
+    cfg, "selection", ("sample", "replacement", "topk", "importance")
+  )
   check_choice(cfg, "soba_v_optimizer", ("sgd", "adam"))
   if not 0.0 <= cfg.mixing_weight <= 1.0:
     raise ConfigError(
@@ -174,22 +203,53 @@ class FilterLMConfig:
 
 _LM_PRESETS: dict[str, dict[str, Any]] = {
   "smoke": dict(
-    seeds=2, d_model=16, num_heads=2, d_mlp=32, seq_len=17, batch_size=4,
-    specific_batch_size=4, pretrain_steps=4, steps=8, warmup_steps=2, eval_every=4,
-    eval_rows=4, finetune_steps=4, finetune_eval_every=2, scorer_embed=4,
-    scorer_channels=4, scorer_kernel=3, cds_warmup=2,
+    seeds=2,
+    d_model=16,
+    num_heads=2,
+    d_mlp=32,
+    seq_len=17,
+    batch_size=4,
+    specific_batch_size=4,
+    pretrain_steps=4,
+    steps=8,
+    warmup_steps=2,
+    eval_every=4,
+    eval_rows=4,
+    finetune_steps=4,
+    finetune_eval_every=2,
+    scorer_embed=4,
+    scorer_channels=4,
+    scorer_kernel=3,
+    cds_warmup=2,
   ),
   "book": {},
   # Grangier et al.'s reference LM runs (the book's Sources §2).
   "paper": dict(
-    specific_train_docs=10_000, num_layers=12, d_model=256, num_heads=8,
-    d_mlp=1024, seq_len=257, batch_size=128, downsampling=32,
-    specific_batch_size=128, pretrain_steps=0, steps=300_000,
+    specific_train_docs=10_000,
+    num_layers=12,
+    d_model=256,
+    num_heads=8,
+    d_mlp=1024,
+    seq_len=257,
+    batch_size=128,
+    downsampling=32,
+    specific_batch_size=128,
+    pretrain_steps=0,
+    steps=300_000,
     learning_rate=2e-3,
-    warmup_steps=1000, eval_every=5000, eval_rows=1024,
-    finetune_steps=20_000, finetune_lr=1e-4, finetune_eval_every=1000,
-    scorer_embed=128, scorer_channels=128, scorer_kernel=7, meta_lr=1e-3,
-    dds_lookahead_lr=0.1, soba_v_lr=2e-3, cds_warmup=10_000,
+    warmup_steps=1000,
+    eval_every=5000,
+    eval_rows=1024,
+    finetune_steps=20_000,
+    finetune_lr=1e-4,
+    finetune_eval_every=1000,
+    scorer_embed=128,
+    scorer_channels=128,
+    scorer_kernel=7,
+    meta_lr=1e-3,
+    dds_lookahead_lr=0.1,
+    soba_v_lr=2e-3,
+    cds_warmup=10_000,
   ),
 }
 
@@ -255,16 +315,35 @@ class FilterImageConfig:
 
 _IMAGE_PRESETS: dict[str, dict[str, Any]] = {
   "smoke": dict(
-    seeds=2, hidden=16, batch_size=8, specific_batch_size=8, steps=8,
-    warmup_steps=2, eval_every=4, finetune_steps=4, finetune_eval_every=2,
-    scorer_hidden=8, probe=64, cds_warmup=2, specific_train=20,
+    seeds=2,
+    hidden=16,
+    batch_size=8,
+    specific_batch_size=8,
+    steps=8,
+    warmup_steps=2,
+    eval_every=4,
+    finetune_steps=4,
+    finetune_eval_every=2,
+    scorer_hidden=8,
+    probe=64,
+    cds_warmup=2,
+    specific_train=20,
   ),
   "book": {},
   "paper": dict(
-    seeds=10, hidden=512, batch_size=128, downsampling=16,
-    specific_batch_size=128, steps=20_000, eval_every=1000,
-    finetune_steps=2000, finetune_eval_every=100, scorer_hidden=128,
-    meta_lr=1e-3, dds_lookahead_lr=0.1, cds_warmup=1000,
+    seeds=10,
+    hidden=512,
+    batch_size=128,
+    downsampling=16,
+    specific_batch_size=128,
+    steps=20_000,
+    eval_every=1000,
+    finetune_steps=2000,
+    finetune_eval_every=100,
+    scorer_hidden=128,
+    meta_lr=1e-3,
+    dds_lookahead_lr=0.1,
+    cds_warmup=1000,
   ),
 }
 

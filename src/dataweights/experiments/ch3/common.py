@@ -165,7 +165,9 @@ def build_method(name: str, cfg: Any, scorer: wn.ScorerConfig) -> Method:
 
 def make_trainer(task: Task, method: Method, cfg: TrainConfig) -> Trainer:
   """A Trainer; trainers equal up to the seed share one compiled step."""
-  kw = {} if task.model_factory is None else {"model_factory": task.model_factory}
+  kw = (
+    {} if task.model_factory is None else {"model_factory": task.model_factory}
+  )
   trainer = Trainer(
     task.model_cfg,
     cfg,
@@ -193,7 +195,11 @@ def _per_example(task: Task, trainer: Trainer) -> Callable:
   """Jitted ``(params, model_state, batches) -> {set: {loss_B, correct_B}}``."""
   key = (task.key, "eval")
   if key not in _EVAL_CACHE:
-    graphdef, loss_fn, acc = trainer.static.graphdef, task.loss_fn, task.accuracy
+    graphdef, loss_fn, acc = (
+      trainer.static.graphdef,
+      task.loss_fn,
+      task.accuracy,
+    )
 
     @jax.jit
     def fn(params, model_state, batches):
@@ -210,7 +216,9 @@ def _per_example(task: Task, trainer: Trainer) -> Callable:
   return _EVAL_CACHE[key]
 
 
-def evaluate(task: Task, trainer: Trainer, state: Any = None) -> dict[str, float]:
+def evaluate(
+  task: Task, trainer: Trainer, state: Any = None
+) -> dict[str, float]:
   """Mean held-out metrics of ``trainer``'s (or ``state``'s) parameters."""
   state = trainer.state if state is None else state
   fn = _per_example(task, trainer)
@@ -219,7 +227,9 @@ def evaluate(task: Task, trainer: Trainer, state: Any = None) -> dict[str, float
   for name, o in out.items():
     loss_B = np.asarray(o["loss_B"], np.float64)
     if name == "gen_test":
-      res[name] = float(np.sum(task.gen_weights * loss_B) / task.gen_weights.sum())
+      res[name] = float(
+        np.sum(task.gen_weights * loss_B) / task.gen_weights.sum()
+      )
     else:
       res[name] = float(loss_B.mean())
     if "correct_B" in o:
@@ -237,7 +247,9 @@ def auroc(score_M: np.ndarray, positive_M: np.ndarray) -> float:
   return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _probe_scores(method: Method, mstate: Any, probe: Batch) -> np.ndarray | None:
+def _probe_scores(
+  method: Method, mstate: Any, probe: Batch
+) -> np.ndarray | None:
   """What the method would rank the probe rows by (higher = keep)."""
   batch = {k: jnp.asarray(v) for k, v in probe.items() if k != "clean_B"}
   if isinstance(method, F.CDS):
@@ -261,7 +273,9 @@ def run_method(task: Task, name: str, cfg: Any, seed: int) -> RunResult:
   trainer = make_trainer(task, method, train_cfg)
   start = pretrained(task, seed)
   if start is not None:  # continue from the shared pre-trained model
-    trainer.state = trainer.state.replace(params=jax.tree.map(jnp.asarray, start))
+    trainer.state = trainer.state.replace(
+      params=jax.tree.map(jnp.asarray, start)
+    )
   feed = filter_feed.FilterFeed(
     task.make_streams(seed), train_cfg.batch_size, prefetch=4
   )
@@ -273,7 +287,9 @@ def run_method(task: Task, name: str, cfg: Any, seed: int) -> RunResult:
     if task.probe is not None:
       ms = trainer.state.extra.get("method", {})
       s = None if not ms else _probe_jit(method, ms, task.probe)
-      aurocs.append(float("nan") if s is None else auroc(s, task.probe["clean_B"]))
+      aurocs.append(
+        float("nan") if s is None else auroc(s, task.probe["clean_B"])
+      )
       fn = _per_example(task, trainer)
       out = fn(
         trainer.state.params,
@@ -414,7 +430,9 @@ def mean_ci(x: Any, level: float = 0.95) -> tuple[float, float]:
   x = np.asarray(x, np.float64)
   if x.size < 2:
     return float(x.mean()), float("nan")
-  half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+  half = (
+    stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+  )
   return float(x.mean()), float(half)
 
 
@@ -427,11 +445,16 @@ def table(
   rows = []
   for name, rs in runs.items():
     row: dict[str, Any] = {"method": name}
-    for when, get in (("pre", lambda r: r.final), ("ft", lambda r: r.finetuned)):
+    for when, get in (
+      ("pre", lambda r: r.final),
+      ("ft", lambda r: r.finetuned),
+    ):
       for k in keys:
         vals = [get(r)[k] for r in rs]
         row[f"{when}/{k}"], row[f"{when}/{k}/ci"] = mean_ci(vals)
         diff = [get(r)[k] - get(b)[k] for r, b in zip(rs, base)]
-        row[f"{when}/{k}/vs_base"], row[f"{when}/{k}/vs_base_ci"] = mean_ci(diff)
+        row[f"{when}/{k}/vs_base"], row[f"{when}/{k}/vs_base_ci"] = mean_ci(
+          diff
+        )
     rows.append(row)
   return rows

@@ -63,4 +63,6 @@ def measure(profile: str = "book", rounds: int = 5, steps: int = 10) -> str:
     [name, f"{1e3 * min(r[3]):.1f}", f"{min(r[3]) / base:.2f}", REFERENCE[name]]
     for name, r in runs.items()
   ]
-  return fmt_table(["method", "step (ms)", "x base (here)", "x base (reference)"], rows)
+  return fmt_table(
+    ["method", "step (ms)", "x base (here)", "x base (reference)"], rows
+  )

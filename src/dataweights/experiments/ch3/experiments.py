@@ -84,15 +84,17 @@ def run_lm(cfg: fcfg.FilterLMConfig) -> dict[str, Any]:
   runs = _runs(task, cfg, cfg.methods)
   rows = common.table(runs, ("spec_test", "gen_test"))
   steps = runs["base"][0].steps
-  return r({
-    "target": cfg.target,
-    "methods": list(cfg.methods),
-    "seeds": cfg.seeds,
-    "table": rows,
-    "curves": _curves(runs),
-    "makeup": _makeup(runs, task.domain_names, steps),
-    "ft_steps": {m: [res.ft_step for res in rs] for m, rs in runs.items()},
-  })
+  return r(
+    {
+      "target": cfg.target,
+      "methods": list(cfg.methods),
+      "seeds": cfg.seeds,
+      "table": rows,
+      "curves": _curves(runs),
+      "makeup": _makeup(runs, task.domain_names, steps),
+      "ft_steps": {m: [res.ft_step for res in rs] for m, rs in runs.items()},
+    }
+  )
 
 
 def summary_lm(data: dict[str, Any]) -> str:
@@ -100,7 +102,9 @@ def summary_lm(data: dict[str, Any]) -> str:
   return (
     f"target: {data['target']} ({data['seeds']} seeds; mean ± 95% t-interval; "
     "Δ = paired difference from base)\n"
-    + _table_summary(data["table"], (("spec_test", "specific"), ("gen_test", "generic")))
+    + _table_summary(
+      data["table"], (("spec_test", "specific"), ("gen_test", "generic"))
+    )
   )
 
 
@@ -125,14 +129,16 @@ def run_digits(cfg: fcfg.FilterImageConfig) -> dict[str, Any]:
   task = tasks.image_task(cfg)
   runs = _runs(task, cfg, cfg.methods)
   rows = common.table(runs, ("spec_test", "acc/spec_test", "gen_test"))
-  return r({
-    "target": cfg.target,
-    "methods": list(cfg.methods),
-    "seeds": cfg.seeds,
-    "table": rows,
-    "curves": _curves(runs),
-    "makeup": _makeup(runs, task.domain_names, runs["base"][0].steps),
-  })
+  return r(
+    {
+      "target": cfg.target,
+      "methods": list(cfg.methods),
+      "seeds": cfg.seeds,
+      "table": rows,
+      "curves": _curves(runs),
+      "makeup": _makeup(runs, task.domain_names, runs["base"][0].steps),
+    }
+  )
 
 
 def summary_digits(data: dict[str, Any]) -> str:
@@ -142,7 +148,11 @@ def summary_digits(data: dict[str, Any]) -> str:
     "Δ = paired difference from base)\n"
     + _table_summary(
       data["table"],
-      (("spec_test", "target loss"), ("acc/spec_test", "target acc"), ("gen_test", "MNIST loss")),
+      (
+        ("spec_test", "target loss"),
+        ("acc/spec_test", "target acc"),
+        ("gen_test", "MNIST loss"),
+      ),
     )
   )
 
@@ -168,7 +178,11 @@ NOISE_RATES: tuple[float, ...] = (0.2, 0.4)
 def run_noisy(cfg: fcfg.FilterImageConfig) -> dict[str, Any]:
   """AUROC of w_φ (clean vs corrupted) over training and clean accuracy,
   for label-noise rates 0.2 and 0.4 (``cfg.target`` is ignored)."""
-  out = {"rates": list(NOISE_RATES), "methods": list(cfg.methods), "seeds": cfg.seeds}
+  out = {
+    "rates": list(NOISE_RATES),
+    "methods": list(cfg.methods),
+    "seeds": cfg.seeds,
+  }
   for rate in NOISE_RATES:
     c = fcfg.filter_images(
       cfg.profile, **{**_fields(cfg), "target": f"noisy_{rate}"}
@@ -194,7 +208,9 @@ def run_noisy(cfg: fcfg.FilterImageConfig) -> dict[str, Any]:
 
 
 def _fields(cfg) -> dict[str, Any]:
-  return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f != "profile"}
+  return {
+    f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f != "profile"
+  }
 
 
 def summary_noisy(data: dict[str, Any]) -> str:
@@ -206,17 +222,30 @@ def summary_noisy(data: dict[str, Any]) -> str:
     for row in d["table"]:
       m = row["method"]
       au = d["final_auroc"].get(m)
-      rows.append([
-        m,
-        _fmt(row["pre/acc/spec_test"], row["pre/acc/spec_test/ci"]),
-        "-" if m == "base" else _fmt(row["pre/acc/spec_test/vs_base"], row["pre/acc/spec_test/vs_base_ci"]),
-        f"{d['kept_corrupted'][m][-1]:.2f}",
-        "-" if au is None else _fmt(*au),
-      ])
+      rows.append(
+        [
+          m,
+          _fmt(row["pre/acc/spec_test"], row["pre/acc/spec_test/ci"]),
+          "-"
+          if m == "base"
+          else _fmt(
+            row["pre/acc/spec_test/vs_base"],
+            row["pre/acc/spec_test/vs_base_ci"],
+          ),
+          f"{d['kept_corrupted'][m][-1]:.2f}",
+          "-" if au is None else _fmt(*au),
+        ]
+      )
     parts.append(
       f"label noise {rate}: {data['seeds']} seeds, mean ± 95% t-interval\n"
       + fmt_table(
-        ["method", "clean test acc", "Δ acc vs base", "kept corrupted (last)", "AUROC w_φ (last)"],
+        [
+          "method",
+          "clean test acc",
+          "Δ acc vs base",
+          "kept corrupted (last)",
+          "AUROC w_φ (last)",
+        ],
         rows,
       )
     )
@@ -251,11 +280,17 @@ def _sar_gar(task, runs, rows: int) -> dict[str, float]:
   @jax.jit
   def rates(params):
     def loss_B(p, b):
-      return task.loss_fn(nnx.merge(graphdef, p, model_state, copy=True), b, None)
+      return task.loss_fn(
+        nnx.merge(graphdef, p, model_state, copy=True), b, None
+      )
 
     return diagnostics.alignment_rates(
-      loss_B, params, specific_ref=spec_ref, generic_ref=gen_ref,
-      specific_eval=spec_ev, generic_eval=gen_ev,
+      loss_B,
+      params,
+      specific_ref=spec_ref,
+      generic_ref=gen_ref,
+      specific_eval=spec_ev,
+      generic_eval=gen_ev,
     )
 
   vals = [jax.device_get(rates(res.params)) for res in runs["base"]]
@@ -276,7 +311,10 @@ def run_sargar(cfg: fcfg.SarGarConfig) -> dict[str, Any]:
   """SAR, GAR and the best selection method's relative gain per target."""
   targets = []
   sel = ("base",) + fcfg.SELECTION_METHODS
-  for kind, names in (("text", cfg.text_targets), ("digits", cfg.image_targets)):
+  for kind, names in (
+    ("text", cfg.text_targets),
+    ("digits", cfg.image_targets),
+  ):
     for t in names:
       if kind == "text":
         c = fcfg.filter_lm(cfg.profile, target=t)
@@ -292,32 +330,41 @@ def run_sargar(cfg: fcfg.SarGarConfig) -> dict[str, Any]:
       }
       best = max(gains, key=lambda m: gains[m].mean())
       g, ci = common.mean_ci(gains[best])
-      targets.append({
-        "target": f"{kind}:{t}",
-        **_sar_gar(task, runs, cfg.rows),
-        "best": best,
-        "gain": g,
-        "gain_ci": ci,
-        "gains": {m: float(v.mean()) for m, v in gains.items()},
-      })
+      targets.append(
+        {
+          "target": f"{kind}:{t}",
+          **_sar_gar(task, runs, cfg.rows),
+          "best": best,
+          "gain": g,
+          "gain_ci": ci,
+          "gains": {m: float(v.mean()) for m, v in gains.items()},
+        }
+      )
   sar = [t["sar"] for t in targets]
   gar = [t["gar"] for t in targets]
   gain = [t["gain"] for t in targets]
-  return r({
-    "targets": targets,
-    "spearman_sar": float(stats.spearmanr(sar, gain).statistic),
-    "spearman_gar": float(stats.spearmanr(gar, gain).statistic),
-    "spearman_sar_minus_gar": float(
-      stats.spearmanr(np.array(sar) - np.array(gar), gain).statistic
-    ),
-  })
+  return r(
+    {
+      "targets": targets,
+      "spearman_sar": float(stats.spearmanr(sar, gain).statistic),
+      "spearman_gar": float(stats.spearmanr(gar, gain).statistic),
+      "spearman_sar_minus_gar": float(
+        stats.spearmanr(np.array(sar) - np.array(gar), gain).statistic
+      ),
+    }
+  )
 
 
 def summary_sargar(data: dict[str, Any]) -> str:
   """SAR, GAR, best method and its relative gain per target."""
   rows = [
-    [t["target"], f"{t['sar']:.2f}", f"{t['gar']:.2f}", t["best"],
-     f"{100 * t['gain']:+.1f}% ± {100 * t['gain_ci']:.1f}"]
+    [
+      t["target"],
+      f"{t['sar']:.2f}",
+      f"{t['gar']:.2f}",
+      t["best"],
+      f"{100 * t['gain']:+.1f}% ± {100 * t['gain_ci']:.1f}",
+    ]
     for t in data["targets"]
   ]
   return (

@@ -28,7 +28,14 @@ def _style(ax, title: str | None = None) -> None:
 
 def _curves(ax, curves: dict[str, Any], key: str, ylabel: str) -> None:
   for m, c in curves.items():
-    ax.plot(c["steps"], c[key], STYLES.get(m, "-"), color=COLORS.get(m), lw=1.6, label=m)
+    ax.plot(
+      c["steps"],
+      c[key],
+      STYLES.get(m, "-"),
+      color=COLORS.get(m),
+      lw=1.6,
+      label=m,
+    )
   ax.set(xlabel="step", ylabel=ylabel)
 
 
@@ -38,7 +45,13 @@ def _kept_bars(ax, makeup: dict[str, Any], methods: list[str]) -> None:
   width = 0.8 / len(methods)
   for i, m in enumerate(methods):
     frac = np.asarray(makeup["fractions"][m])[-1]
-    ax.bar(x + (i - (len(methods) - 1) / 2) * width, frac, width, color=COLORS.get(m), label=m)
+    ax.bar(
+      x + (i - (len(methods) - 1) / 2) * width,
+      frac,
+      width,
+      color=COLORS.get(m),
+      label=m,
+    )
   ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
   ax.set(ylabel="share of kept rows (last interval)")
 
@@ -58,8 +71,19 @@ def plot_lm(data: dict[str, Any]) -> Figure:
   noise = [i for i, n in enumerate(mk["domains"]) if n.startswith("noise")]
   for m in sel:
     frac = np.asarray(mk["fractions"][m])[:, noise].sum(1)
-    ax2.plot(mk["steps"], frac, STYLES.get(m, "-"), color=COLORS.get(m), lw=1.6, label=m)
-  ax2.set(xlabel="step", ylabel="share of kept rows from noise domains", ylim=(0, None))
+    ax2.plot(
+      mk["steps"],
+      frac,
+      STYLES.get(m, "-"),
+      color=COLORS.get(m),
+      lw=1.6,
+      label=m,
+    )
+  ax2.set(
+    xlabel="step",
+    ylabel="share of kept rows from noise domains",
+    ylim=(0, None),
+  )
   _style(ax2, "noise (Slovenian, non-English chat)")
   return fig
 
@@ -73,7 +97,10 @@ def plot_digits(data: dict[str, Any]) -> Figure:
   _style(ax0, f"target: {data['target']}")
   rows = data["table"]
   x = np.arange(len(rows))
-  for off, when, label in ((-0.2, "pre", "after pre-training"), (0.2, "ft", "after fine-tuning")):
+  for off, when, label in (
+    (-0.2, "pre", "after pre-training"),
+    (0.2, "ft", "after fine-tuning"),
+  ):
     ax1.errorbar(
       x + off,
       [row[f"{when}/acc/spec_test"] for row in rows],
@@ -98,14 +125,23 @@ def plot_noisy(data: dict[str, Any]) -> Figure:
     d = data[str(rate)]
     a0, a1 = axes[i]
     for m, curve in d["auroc"].items():
-      a0.plot(d["steps"], curve, STYLES.get(m, "-"), color=COLORS.get(m), lw=1.6, label=m)
+      a0.plot(
+        d["steps"],
+        curve,
+        STYLES.get(m, "-"),
+        color=COLORS.get(m),
+        lw=1.6,
+        label=m,
+      )
     a0.axhline(0.5, color="0.7", lw=1)
     a0.set(xlabel="step", ylabel="AUROC (clean vs corrupted)", ylim=(0.3, 1.0))
     a0.legend(fontsize=7)
     _style(a0, f"label noise {rate}: does the score separate clean labels?")
     mids = [(a + b) / 2 for a, b in zip(d["steps"][:-1], d["steps"][1:])]
     for m, frac in d["kept_corrupted"].items():
-      a1.plot(mids, frac, STYLES.get(m, "-"), color=COLORS.get(m), lw=1.6, label=m)
+      a1.plot(
+        mids, frac, STYLES.get(m, "-"), color=COLORS.get(m), lw=1.6, label=m
+      )
     a1.axhline(rate, color="0.7", lw=1)
     a1.set(xlabel="step", ylabel="corrupted share of kept rows", ylim=(0, None))
     _style(a1, f"label noise {rate}: what the step trains on")
@@ -125,9 +161,16 @@ def plot_sargar(data: dict[str, Any]) -> Figure:
     xs = [t[key] for t in data["targets"]]
     ax.errorbar(xs, gain, yerr=err, fmt="o", color="#d62728", capsize=3)
     for t, x, y in zip(data["targets"], xs, gain):
-      ax.annotate(f"{t['target']} ({t['best']})", (x, y), fontsize=7,
-                  xytext=(4, 4), textcoords="offset points")
+      ax.annotate(
+        f"{t['target']} ({t['best']})",
+        (x, y),
+        fontsize=7,
+        xytext=(4, 4),
+        textcoords="offset points",
+      )
     ax.axhline(0, color="0.7", lw=1)
-    ax.set(xlabel=key.upper(), ylabel="best selection method's gain over base (%)")
+    ax.set(
+      xlabel=key.upper(), ylabel="best selection method's gain over base (%)"
+    )
     _style(ax, f"{key.upper()} vs gain: Spearman {rho:+.2f}")
   return fig

@@ -56,12 +56,19 @@ def _rows(src: DomainSource, seq_len: int, n: int) -> np.ndarray:
   docs = [src[i] for i in range(len(src))]
   tokens, _ = pipeline.pack_documents(docs, seq_len, "pack")
   tokens = tokens[:-1] if len(tokens) > 1 else tokens  # last row is padded
-  idx = np.unique(np.linspace(0, len(tokens) - 1, min(n, len(tokens))).astype(int))
+  idx = np.unique(
+    np.linspace(0, len(tokens) - 1, min(n, len(tokens))).astype(int)
+  )
   return tokens[idx]
 
 
-def _lm_batch(tokens_RxL: np.ndarray, domain_R: np.ndarray | None = None) -> dict:
-  out = {"tokens_BxL": tokens_RxL.astype(np.int32), "mask_BxL": np.ones(tokens_RxL.shape, bool)}
+def _lm_batch(
+  tokens_RxL: np.ndarray, domain_R: np.ndarray | None = None
+) -> dict:
+  out = {
+    "tokens_BxL": tokens_RxL.astype(np.int32),
+    "mask_BxL": np.ones(tokens_RxL.shape, bool),
+  }
   if domain_R is not None:
     out["domain_B"] = domain_R.astype(np.int32)
   return out
@@ -127,8 +134,12 @@ def lm_task(cfg: fcfg.FilterLMConfig) -> Task:
   # SAR / GAR: references from the training sets, evaluated rows held out.
   spec_ref = _lm_batch(_rows(spec, L, 4 * cfg.eval_rows))
   big = make_streams(10_000)
-  gen_ref = _lm_batch(np.concatenate([big.next()[0]["tokens_BxL"] for _ in range(4)]))
-  gen_eval_rows = [_rows(_source(n, valid[n]), L, cfg.eval_rows // 2) for n in generic]
+  gen_ref = _lm_batch(
+    np.concatenate([big.next()[0]["tokens_BxL"] for _ in range(4)])
+  )
+  gen_eval_rows = [
+    _rows(_source(n, valid[n]), L, cfg.eval_rows // 2) for n in generic
+  ]
   sar = (
     spec_ref,
     gen_ref,
@@ -142,7 +153,25 @@ def lm_task(cfg: fcfg.FilterLMConfig) -> Task:
     kernel_size=cfg.scorer_kernel,
   )
   return Task(
-    key=("lm", cfg.profile, cfg.target, cfg.specific_train_docs, model, tuple(sorted(pipe.items())), cfg.pretrain_steps, cfg.pretrain_lr, cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.eval_every, cfg.eval_rows, scorer, cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_eval_every),
+    key=(
+      "lm",
+      cfg.profile,
+      cfg.target,
+      cfg.specific_train_docs,
+      model,
+      tuple(sorted(pipe.items())),
+      cfg.pretrain_steps,
+      cfg.pretrain_lr,
+      cfg.steps,
+      cfg.learning_rate,
+      cfg.warmup_steps,
+      cfg.eval_every,
+      cfg.eval_rows,
+      scorer,
+      cfg.finetune_steps,
+      cfg.finetune_lr,
+      cfg.finetune_eval_every,
+    ),
     model_cfg=model,
     model_factory=None,
     loss_fn=lm_loss,
@@ -237,7 +266,9 @@ def _img(x, y, dom, flag=None) -> dict:
     "x_BxHxW": x,
     "y_B": y.astype(np.int32),
     "domain_B": np.asarray(dom).astype(np.int32),
-    "flag_B": np.zeros(n, np.float32) if flag is None else np.asarray(flag, np.float32),
+    "flag_B": np.zeros(n, np.float32)
+    if flag is None
+    else np.asarray(flag, np.float32),
   }
 
 
@@ -319,12 +350,34 @@ def image_task(cfg: fcfg.FilterImageConfig) -> Task:
       "clean_B": generic["flag_B"][pi] == 0,
     }
   gref = {k: v[sub[cfg.probe : cfg.probe + 256]] for k, v in generic.items()}
-  geval = {k: v[sub[cfg.probe + 256 : cfg.probe + 512]] for k, v in generic.items()}
+  geval = {
+    k: v[sub[cfg.probe + 256 : cfg.probe + 512]] for k, v in generic.items()
+  }
   sar = (specific, gref, eval_sets["spec_valid"], geval)
   model = classifier.ImageMLPConfig(image_pixels=64, hidden=cfg.hidden)
-  scorer = wn.ScorerConfig(modality="image", image_pixels=64, hidden=cfg.scorer_hidden)
+  scorer = wn.ScorerConfig(
+    modality="image", image_pixels=64, hidden=cfg.scorer_hidden
+  )
   return Task(
-    key=("img", cfg.profile, target, cfg.specific_train, model, cfg.batch_size, cfg.downsampling, cfg.specific_batch_size, cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.eval_every, scorer, cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_eval_every, cfg.probe),
+    key=(
+      "img",
+      cfg.profile,
+      target,
+      cfg.specific_train,
+      model,
+      cfg.batch_size,
+      cfg.downsampling,
+      cfg.specific_batch_size,
+      cfg.steps,
+      cfg.learning_rate,
+      cfg.warmup_steps,
+      cfg.eval_every,
+      scorer,
+      cfg.finetune_steps,
+      cfg.finetune_lr,
+      cfg.finetune_eval_every,
+      cfg.probe,
+    ),
     model_cfg=model,
     model_factory=classifier.image_mlp,
     loss_fn=classifier.classification_loss,
