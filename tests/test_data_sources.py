@@ -15,7 +15,9 @@ import shutil
 import numpy as np
 import pytest
 
-from dataweights.data import corrupt, digits, fetch, sources, tabular
+from dataweights.data import prepared
+from dataweights.data.sources import adult, corrupt, digits, fetch
+from dataweights.data.sources import text as text_src
 from fixtures.data_archives import make_archives
 
 
@@ -108,15 +110,15 @@ def test_pins_are_complete():
 
 def test_normalize_removes_case_punctuation_digits_accents():
   assert (
-    sources.normalize("Héllo,  World! 42 -- it's\nOK") == "hello world it s ok"
+    text_src.normalize("Héllo,  World! 42 -- it's\nOK") == "hello world it s ok"
   )
-  assert sources.normalize("ДОБРО") == ""
+  assert text_src.normalize("ДОБРО") == ""
 
 
 def test_all_domains_read_from_fixtures(data_dir):
   root, pins = data_dir
-  for dom in sources.TEXT_DOMAINS:
-    ex = sources.domain_examples(
+  for dom in text_src.TEXT_DOMAINS:
+    ex = text_src.domain_examples(
       dom.name,
       fetch.fetch(dom.package, root, pins=pins),
       bytes_per_domain=3000,
@@ -128,7 +130,7 @@ def test_all_domains_read_from_fixtures(data_dir):
       assert len(e.text) <= 500 and set(e.text) <= set(
         "abcdefghijklmnopqrstuvwxyz "
       )
-    split = sources.split_groups(ex, seed=0)
+    split = text_src.split_groups(ex, seed=0)
     groups = [
       {e.group for e in split[s]} for s in ("train", "validation", "test")
     ]
@@ -140,31 +142,31 @@ def test_all_domains_read_from_fixtures(data_dir):
 
 def test_wikitext_is_stripped_and_redirects_skipped(data_dir):
   root, pins = data_dir
-  docs = sources.DOMAINS["encyclopaedic"].reader(
+  docs = text_src.DOMAINS["encyclopaedic"].reader(
     fetch.fetch("gensim", root, pins=pins)
   )
   assert len(docs) == 10  # the redirect page is skipped
-  text = sources.strip_wikitext(docs[0][1])
+  text = text_src.strip_wikitext(docs[0][1])
   assert "Infobox" not in text and "[[" not in text and "cite" not in text
   assert "a thing" in text
 
 
 def test_unknown_domain_and_bad_split_raise():
   with pytest.raises(KeyError, match="unknown text domain 'poetry'"):
-    sources.get_domain("poetry")
+    text_src.get_domain("poetry")
   ex = [
-    sources.TextExample("a b", "news", "g1"),
-    sources.TextExample("c", "news", "g2"),
+    text_src.TextExample("a b", "news", "g1"),
+    text_src.TextExample("c", "news", "g2"),
   ]
   with pytest.raises(ValueError, match=">= 3 document groups"):
-    sources.split_groups(ex)
+    text_src.split_groups(ex)
   with pytest.raises(ValueError, match="sum to 1"):
-    sources.split_groups(ex, (0.5, 0.5, 0.5))
+    text_src.split_groups(ex, (0.5, 0.5, 0.5))
 
 
 def test_chunk_respects_limit_and_keeps_words():
   text = "alpha beta gamma delta " * 50
-  pieces = sources.chunk(text.strip(), 40)
+  pieces = text_src.chunk(text.strip(), 40)
   assert all(len(p) <= 40 for p in pieces)
   assert " ".join(pieces).split() == text.split()
 
@@ -351,28 +353,28 @@ def test_digits_examples_from_fixture(data_dir, monkeypatch):
 def test_load_adult_direct_from_fixture(data_dir, monkeypatch):
   root, pins = data_dir
   monkeypatch.setattr(fetch, "PINS", pins)
-  df = tabular.read_adult(root)
+  df = adult.read_adult(root)
   assert len(df) == 400
-  df["split"] = tabular.split_assignment(df["workclass"].to_numpy())
-  d = tabular.adult_arrays(df, domain_column="workclass", min_domain_size=100)
+  df["split"] = adult.split_assignment(df["workclass"].to_numpy())
+  d = adult.adult_arrays(df, domain_column="workclass", min_domain_size=100)
   # Private has ~240 of 400 rows; all other workclasses have < 100.
-  assert d["domain_names"] == ["Private", tabular.OTHER]
+  assert d["domain_names"] == ["Private", adult.OTHER]
   x = d["train"]["x_MxP"]
   np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
   assert x.shape[1] == len(d["feature_names"])
   assert not any(f.startswith("workclass=") for f in d["feature_names"])
-  n = sum(len(d[s]["y_M"]) for s in tabular.SPLITS)
+  n = sum(len(d[s]["y_M"]) for s in adult.SPLITS)
   assert n == 400
   with pytest.raises(ValueError, match="unknown domain_column 'colour'"):
-    tabular.load_adult(root, domain_column="colour")
+    prepared.load_adult(root, domain_column="colour")
 
 
 def test_split_assignment_stratified_and_seeded():
   strata = np.repeat(np.arange(3), 100)
-  s = tabular.split_assignment(strata)
+  s = adult.split_assignment(strata)
   for k in range(3):
     assert np.bincount(s[strata == k], minlength=3).tolist() == [70, 15, 15]
-  assert np.array_equal(s, tabular.split_assignment(strata))
+  assert np.array_equal(s, adult.split_assignment(strata))
 
 
 # ------------------------------------------------ real prepared data (CI) --
@@ -394,21 +396,21 @@ def _real_root():
 
 def test_real_text_domains_sizes_and_no_overlap():
   root = _real_root()
-  from dataweights.data import builders
+  from dataweights.data import build
 
   man = json.loads(
     (root / "dw_text_domains/1.0.0/dw_manifest.json").read_text()
   )
   budget = man["fingerprint"]["text_bytes_per_domain"]
   seen: dict[str, str] = {}
-  sizes = {d: 0 for d in sources.DOMAIN_NAMES}
+  sizes = {d: 0 for d in text_src.DOMAIN_NAMES}
   docs: dict[str, set] = {}
-  for split in builders.SPLITS:
-    t = builders.text_split(split, root)
+  for split in build.SPLITS:
+    t = prepared.text_split(split, root)
     docs[split] = set(t["doc_id_M"].tolist())
     for text, dom in zip(t["text"], t["domain_M"]):
       assert seen.setdefault(text, split) == split, "text in two splits"
-      sizes[sources.DOMAIN_NAMES[dom]] += len(text)
+      sizes[text_src.DOMAIN_NAMES[dom]] += len(text)
   assert not (
     docs["train"] & docs["validation"] or docs["train"] & docs["test"]
   )

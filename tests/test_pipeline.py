@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 from dataweights.configs import lm
 from dataweights.configs.base import ConfigError
-from dataweights.data import builders, pipeline
+from dataweights.data import pipeline, prepared
 from dataweights.data import tokenize as tok
 from dataweights.data.mixture import MixtureSampler
 from dataweights.data.pipeline import (
@@ -221,9 +221,9 @@ def test_prepared_domains_reads_the_builders_split(monkeypatch):
       for d in wanted
     }
 
-  monkeypatch.setattr(builders, "load_source", lambda *a, **k: FakeSource())
-  monkeypatch.setattr(builders, "domain_names", lambda name: names)
-  monkeypatch.setattr(builders, "domain_indices", fake_indices)
+  monkeypatch.setattr(prepared, "load_source", lambda *a, **k: FakeSource())
+  monkeypatch.setattr(prepared, "domain_names", lambda name: names)
+  monkeypatch.setattr(prepared, "domain_indices", fake_indices)
   for in_memory in (True, False):
     ds = pipeline.prepared_domains(
       "train", domains=["code", "fiction"], in_memory=in_memory

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dataweights.data import synthetic as syn
+from dataweights.methods import synthetic as syn
 
 
 def test_inner_optimum_is_stationary():

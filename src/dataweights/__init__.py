@@ -7,7 +7,7 @@ Submodules (dependencies flow one way, top to bottom):
   methods                 hypergradients, data mixing, online filtering, ...
   train, sharding,        training loop, meshes, checkpoints
   checkpoint
-  experiments, plotting   one module per published figure; one plot each
+  experiments             one package per chapter: results, plots, summaries
   results, book, cli      published results, the papermill runner, the CLI
 
 Import what you need, e.g. ``from dataweights.methods import bilevel``;

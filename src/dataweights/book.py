@@ -367,13 +367,16 @@ def run_chapters(
 def build(root: Path | None = None, *, log: Callable[[str], None] = print) -> Path:
   """Builds the HTML book strictly (warnings are errors); returns index.html.
 
+  Every page is rebuilt (``--all``, a few seconds): an incremental build
+  leaves citation links of unchanged pages pointing at stale anchors.
+
   Raises:
     BuildError: the build emitted a warning or an error.
   """
   root = root or repo_root()
   exe = Path(sys.executable).with_name("jupyter-book")
   cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(root),
-         "--builder", "html", "-W", "-n", "--keep-going"]
+         "--builder", "html", "--all", "-W", "-n", "--keep-going"]
   log(f"[dataweights] building the book: {' '.join(cmd[1:])}")
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """The batches of online filtering, drawn together, prefetched, resumable.
 
-Online filtering (:mod:`dataweights.methods.filtering`) consumes three named
+Online filtering (:mod:`dataweights.train.filtering`) consumes three named
 batches per step: ``"generic"`` (the big batch of ``G = B x downsampling``
 rows to score), ``"specific"`` (the target batch) and ``"train"`` (the
 first B rows of the same big batch: what the baselines train on, so every

@@ -1,7 +1,7 @@
 """Prepare every offline data set once: ``dataweights data prepare``.
 
-``prepare()`` fetches the pinned archives (:mod:`dataweights.data.fetch`)
-and builds the TFDS data sets (:mod:`dataweights.data.builders`) under the
+``prepare()`` fetches the pinned archives (:mod:`dataweights.data.sources.fetch`)
+and builds the TFDS data sets (:mod:`dataweights.data.build`) under the
 data directory: ``data_dir`` argument > ``$DATAWEIGHTS_DATA_DIR`` >
 ``~/.cache/dataweights/data``. It is idempotent: an intact data set built
 with the same config is left alone; a damaged or differently configured one
@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from dataweights.configs import data as data_config
-from dataweights.data import builders, fetch
+from dataweights.data import build
+from dataweights.data.sources import fetch
 
-DATASETS: tuple[str, ...] = builders.DATASETS
+DATASETS: tuple[str, ...] = build.DATASETS
 
 
 def data_dir(override: str | None = None) -> pathlib.Path:
@@ -59,18 +60,18 @@ def prepare(
 
   Raises:
     ValueError: an unknown data set name.
-    dataweights.data.fetch.FetchError: a download or hash check failed.
+    dataweights.data.sources.fetch.FetchError: a download or hash check failed.
   """
   config = config or data_config.data("book")
   names = list(DATASETS if names is None else names)
   for n in names:
-    builders.check_name(n)
+    build.check_name(n)
   root = fetch.data_dir(data_dir if data_dir is not None else config.data_dir)
-  opts = builders.BuildOptions(config=config, progress=progress)
+  opts = build.BuildOptions(config=config, progress=progress)
   out = {}
   for n in names:
     t0 = time.perf_counter()
-    summary = builders.ensure_prepared(
+    summary = build.ensure_prepared(
       n, root, opts, check_config=True, force=force
     )
     summary["build_seconds"] = summary.pop("seconds")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
       force=args.force,
       progress=not args.quiet,
     )
-  except (fetch.FetchError, builders.DataIntegrityError, ValueError) as e:
+  except (fetch.FetchError, build.DataIntegrityError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except OSError as e:

@@ -7,9 +7,11 @@ Token ids:
   * :data:`PAD_ID` ``= 256``: padding (always masked out of the loss);
   * :data:`BOS_ID` ``= 257``: beginning of a document;
   * :data:`EOS_ID` ``= 258``: end of a document (also the separator between
-    packed documents).
+    packed documents);
+  * :data:`SEP_ID` ``= 259``: between a prompt and its response
+    (instruction pairs, :mod:`dataweights.data.instructions`).
 
-Ids ``259 .. 263`` are reserved (unused), so :data:`VOCAB_SIZE` ``= 264``
+Ids ``260 .. 263`` are reserved (unused), so :data:`VOCAB_SIZE` ``= 264``
 (``configs.lm.BYTE_VOCAB_SIZE``: 256 bytes + 8 specials keeps V divisible
 by 8 for tensor parallelism). Tokens are ``int32``. A document encodes to
 ``[BOS, b_0, ..., b_{n-1}, EOS]``, so every document has at least two tokens
@@ -26,9 +28,15 @@ NUM_BYTES: int = 256
 PAD_ID: int = 256
 BOS_ID: int = 257
 EOS_ID: int = 258
-NUM_SPECIAL: int = 8  # ids 256..263: pad, bos, eos, then reserved
+SEP_ID: int = 259
+NUM_SPECIAL: int = 8  # ids 256..263: pad, bos, eos, sep, then reserved
 VOCAB_SIZE: int = NUM_BYTES + NUM_SPECIAL
-SPECIAL_IDS: dict[str, int] = {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
+SPECIAL_IDS: dict[str, int] = {
+  "pad": PAD_ID,
+  "bos": BOS_ID,
+  "eos": EOS_ID,
+  "sep": SEP_ID,
+}
 
 
 def to_bytes(value: object) -> bytes:
@@ -81,6 +89,23 @@ def encode(value: object) -> np.ndarray:
   return out
 
 
+def _as_ids(tokens: object) -> np.ndarray:
+  """``tokens`` as a flat integer array; ValueError if they are not ids."""
+  try:
+    ids = np.asarray(tokens).reshape(-1)
+  except (TypeError, ValueError) as e:  # ragged or unconvertible
+    raise ValueError(
+      f"token ids {tokens!r:.80} are not an array of integers: {e}"
+    ) from e
+  if ids.size and (
+    not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_
+  ):
+    raise ValueError(
+      f"token ids must be integers in [0, {VOCAB_SIZE}), got dtype {ids.dtype}"
+    )
+  return ids.astype(np.int64)
+
+
 def decode(tokens: Sequence[int] | np.ndarray) -> bytes:
   """The bytes of ``tokens`` with the special ids (PAD, BOS, EOS) dropped.
 
@@ -91,11 +116,10 @@ def decode(tokens: Sequence[int] | np.ndarray) -> bytes:
     The byte string.
 
   Raises:
-    ValueError: an id outside ``[0, VOCAB_SIZE)``, naming it.
+    ValueError: not integer ids, or an id outside ``[0, VOCAB_SIZE)``,
+      naming it.
   """
-  ids = np.asarray(tokens).reshape(-1)
-  if ids.size and not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+  ids = _as_ids(tokens)
   bad = ids[(ids < 0) | (ids >= VOCAB_SIZE)]
   if bad.size:
     raise ValueError(
@@ -115,8 +139,11 @@ def split_documents(tokens: Sequence[int] | np.ndarray) -> list[bytes]:
 
   Returns:
     The documents' bytes, in order.
+
+  Raises:
+    ValueError: not integer ids, or an id outside ``[0, VOCAB_SIZE)``.
   """
-  ids = np.asarray(tokens).reshape(-1)
+  ids = _as_ids(tokens)
   ends = np.flatnonzero(ids == EOS_ID)
   docs, start = [], 0
   for end in ends:

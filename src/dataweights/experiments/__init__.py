@@ -1,16 +1,16 @@
-"""Experiments: one module per published figure or table, ``run(cfg) -> dict``.
+"""Experiments: one package per chapter, one module per published result.
 
-Importing this package registers every published result in
-:data:`dataweights.experiments.registry.REGISTRY`.
+Each result is registered once (:func:`registry.register`) with its config
+factory, ``run(cfg) -> dict``, plot and summary; a chapter calls
+``publish(name, profile, results_dir)``. Importing this package registers
+every published result in :data:`dataweights.experiments.registry.REGISTRY`.
+
+  ch1   data mixing over a finite horizon
+  ch3   online data filtering with a weighting network
 """
 
 from dataweights.experiments import (  # noqa: F401  (imported to register)
-  ch1_adult,
-  ch1_greedy,
-  ch1_horizon_full,
-  ch1_horizon_minibatch,
-  ch1_hypergrad,
-  ch1_scaling,
+  ch1,
   ch3,
 )
 from dataweights.experiments.registry import (

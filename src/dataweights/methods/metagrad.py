@@ -6,7 +6,7 @@ parameters φ (a weighting network, a regularisation strength, per-example
 weights, ...) and the outer loss ``L_out(θ; batch)``. The outer problem is
 ``min_φ L_out(θ*(φ))`` with ``θ*(φ) = argmin_θ L_in(θ, φ)``. Every core is a
 pure function of ``(problem, θ, φ, batches)`` and works on any such problem;
-:mod:`dataweights.methods.filtering` applies them to a weighting network
+:mod:`dataweights.train.filtering` applies them to a weighting network
 ``L_in(θ, φ; B) = Σ_i w_φ(x_i) ℓ_i(θ)``.
 
 One primitive carries all three methods, the *cross-derivative*

@@ -85,9 +85,9 @@ def text_sampler(profile: str, data_dir: str | None, synthetic: bool):
 
   pipe = pipeline.pipeline(profile)
   if not synthetic:
-    from dataweights.data import builders
+    from dataweights.data import build
 
-    problems = builders.verify("dw_text_domains", data_dir)
+    problems = build.verify("dw_text_domains", data_dir)
     if not problems:
       from dataweights.data import mixture
 

@@ -17,7 +17,7 @@ import jax
 
 from dataweights.configs import filtering as fcfg
 from dataweights.data import filter_feed
-from dataweights.experiments.ch1_common import fmt_table
+from dataweights.experiments.ch1.common import fmt_table
 from dataweights.experiments.ch3 import common, tasks
 from dataweights.train.feeder import Feeder
 

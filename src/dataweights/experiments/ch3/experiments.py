@@ -16,11 +16,11 @@ from flax import nnx
 from scipy import stats
 
 from dataweights.configs import filtering as fcfg
-from dataweights.experiments.ch1_common import fmt_table, r
+from dataweights.experiments.ch1.common import fmt_table, r
 from dataweights.experiments.ch3 import common, plots, tasks
 from dataweights.experiments.registry import Published, register
 from dataweights.methods import diagnostics
-from dataweights.methods import filtering as F
+from dataweights.train import filtering as F
 
 
 def _runs(task, cfg, methods) -> dict[str, list[common.RunResult]]:

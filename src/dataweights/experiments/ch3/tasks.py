@@ -24,7 +24,8 @@ import numpy as np
 from dataweights.configs import filtering as fcfg
 from dataweights.configs import lm as lm_configs
 from dataweights.configs import train as train_configs
-from dataweights.data import corrupt, filter_feed, mixture, pipeline
+from dataweights.data import filter_feed, mixture, pipeline, prepared
+from dataweights.data.sources import corrupt
 from dataweights.data.pipeline import DomainSource
 from dataweights.experiments.ch3.common import Task
 from dataweights.models import classifier
@@ -37,10 +38,8 @@ SPLIT_SEED = 0  # which documents / examples form the small specific sets
 
 @functools.lru_cache(maxsize=4)
 def _text(split: str) -> dict:
-  from dataweights.data import builders, sources
-
-  d = builders.text_split(split)
-  names = sources.DOMAIN_NAMES
+  d = prepared.text_split(split)
+  names = prepared.domain_names("dw_text_domains")
   by = {n: [] for n in names}
   for t, k in zip(d["text"], d["domain_M"].tolist()):
     by[names[k]].append(t)
@@ -242,10 +241,8 @@ def _finetune_cfg(cfg, seed):
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> dict:
-  from dataweights.data import builders
-
   out = {}
-  for split, d in builders.digits_arrays().items():
+  for split, d in prepared.digits_arrays().items():
     out[split] = {
       "x": (d["x_MxHxW"].astype(np.float32) / 16.0),
       "y": d["y_M"].astype(np.int32),
