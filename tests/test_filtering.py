@@ -22,11 +22,11 @@ from dataweights.configs import train as train_configs
 from dataweights.configs.base import ConfigError
 from dataweights.data import filter_feed, mixture, pipeline
 from dataweights.data.pipeline import DomainSource
-from dataweights.train import filtering as F
 from dataweights.methods import metagrad
 from dataweights.methods import selection as sel
 from dataweights.models import classifier
 from dataweights.models import weighting_net as wn
+from dataweights.train import filtering as F
 from dataweights.train.loop import Trainer
 from dataweights.train.method import StepContext
 

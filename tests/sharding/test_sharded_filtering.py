@@ -22,8 +22,8 @@ from dataweights.configs import lm
 from dataweights.configs import train as train_configs
 from dataweights.data import filter_feed, mixture, pipeline
 from dataweights.data.pipeline import DomainSource
-from dataweights.train import filtering as F
 from dataweights.models import weighting_net as wn
+from dataweights.train import filtering as F
 from dataweights.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("xla_cache")

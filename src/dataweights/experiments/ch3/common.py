@@ -35,8 +35,8 @@ from scipy import stats
 from dataweights.configs import filtering as fcfg
 from dataweights.configs.train import TrainConfig
 from dataweights.data import filter_feed
-from dataweights.train import filtering as F
 from dataweights.models import weighting_net as wn
+from dataweights.train import filtering as F
 from dataweights.train.loop import Trainer
 from dataweights.train.method import Method, Plain
 

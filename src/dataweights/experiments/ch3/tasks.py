@@ -25,8 +25,8 @@ from dataweights.configs import filtering as fcfg
 from dataweights.configs import lm as lm_configs
 from dataweights.configs import train as train_configs
 from dataweights.data import filter_feed, mixture, pipeline, prepared
-from dataweights.data.sources import corrupt
 from dataweights.data.pipeline import DomainSource
+from dataweights.data.sources import corrupt
 from dataweights.experiments.ch3.common import Task
 from dataweights.models import classifier
 from dataweights.models import weighting_net as wn
