@@ -26,8 +26,17 @@ def _style(ax, title: str | None = None) -> None:
     ax.set_title(title, fontsize=10)
 
 
-def _curves(ax, curves: dict[str, Any], key: str, ylabel: str) -> None:
-  for m, c in curves.items():
+def _ordered(d: dict[str, Any], methods: list[str]) -> list[tuple[str, Any]]:
+  """``d``'s items in table order, then any extra keys sorted: a figure
+  must not depend on dict order (the published JSON sorts its keys)."""
+  extra = sorted(k for k in d if k not in methods)
+  return [(m, d[m]) for m in [*methods, *extra] if m in d]
+
+
+def _curves(
+  ax, curves: dict[str, Any], key: str, ylabel: str, methods: list[str]
+) -> None:
+  for m, c in _ordered(curves, methods):
     ax.plot(
       c["steps"],
       c[key],
@@ -60,7 +69,13 @@ def plot_lm(data: dict[str, Any]) -> Figure:
   """Learning curves, kept rows per domain, kept noise over training."""
   fig = Figure(figsize=(14, 4.2), layout="constrained")
   ax0, ax1, ax2 = fig.subplots(1, 3, width_ratios=(1, 1.4, 1))
-  _curves(ax0, data["curves"], "spec_test", "held-out target loss (nats/byte)")
+  _curves(
+    ax0,
+    data["curves"],
+    "spec_test",
+    "held-out target loss (nats/byte)",
+    data["methods"],
+  )
   ax0.legend(fontsize=7)
   _style(ax0, f"target: {data['target']}")
   sel = [m for m in data["methods"] if m != "mixing"]
@@ -92,7 +107,9 @@ def plot_digits(data: dict[str, Any]) -> Figure:
   """Learning curves and target accuracy before / after fine-tuning."""
   fig = Figure(figsize=(12, 4.0), layout="constrained")
   ax0, ax1 = fig.subplots(1, 2)
-  _curves(ax0, data["curves"], "spec_test", "held-out target loss")
+  _curves(
+    ax0, data["curves"], "spec_test", "held-out target loss", data["methods"]
+  )
   ax0.legend(fontsize=7)
   _style(ax0, f"target: {data['target']}")
   rows = data["table"]
@@ -124,7 +141,7 @@ def plot_noisy(data: dict[str, Any]) -> Figure:
   for i, rate in enumerate(rates):
     d = data[str(rate)]
     a0, a1 = axes[i]
-    for m, curve in d["auroc"].items():
+    for m, curve in _ordered(d["auroc"], data["methods"]):
       a0.plot(
         d["steps"],
         curve,
@@ -138,12 +155,13 @@ def plot_noisy(data: dict[str, Any]) -> Figure:
     a0.legend(fontsize=7)
     _style(a0, f"label noise {rate}: does the score separate clean labels?")
     mids = [(a + b) / 2 for a, b in zip(d["steps"][:-1], d["steps"][1:])]
-    for m, frac in d["kept_corrupted"].items():
+    for m, frac in _ordered(d["kept_corrupted"], data["methods"]):
       a1.plot(
         mids, frac, STYLES.get(m, "-"), color=COLORS.get(m), lw=1.6, label=m
       )
     a1.axhline(rate, color="0.7", lw=1)
     a1.set(xlabel="step", ylabel="corrupted share of kept rows", ylim=(0, None))
+    a1.legend(fontsize=7)
     _style(a1, f"label noise {rate}: what the step trains on")
   return fig
 
