@@ -28,12 +28,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from dataweights import weights as weights_lib
 from dataweights.data import tokenize
 from dataweights.data.pipeline import (
   PACKINGS,
@@ -41,6 +41,7 @@ from dataweights.data.pipeline import (
   DomainSource,
   PipelineConfig,
 )
+from dataweights.weights import check_weights
 
 STATE_FORMAT = "dataweights.mixture/1"
 
@@ -50,68 +51,23 @@ def validate_weights(
 ) -> np.ndarray:
   """Checks mixture weights and returns them as a float64 ``w_K``.
 
-  Args:
-    weights: ``K`` non-negative finite numbers (a list, numpy or JAX array),
-      or a mapping ``{domain name: weight}`` (domains left out get 0).
-    names: the ``K`` domain names, in order.
-    normalise: divide by the sum.
-
-  Returns:
-    ``w_K`` (float64), summing to one if ``normalise``.
+  The library's one weight check
+  (:func:`dataweights.weights.check_weights`) with the sampler's domain
+  names: ``weights`` may be ``K`` non-negative finite numbers or a mapping
+  ``{domain name: weight}`` (domains left out get 0).
 
   Raises:
-    ValueError: wrong shape or length, a non-numeric, negative or non-finite
-      weight, all weights zero, or an unknown domain name; the message names
-      the bad value and what is allowed.
+    WeightsError: wrong shape or length, a non-numeric, negative or
+      non-finite weight, all weights zero, or an unknown domain name.
   """
-  names = list(names)
-  k = len(names)
-  if isinstance(weights, Mapping):
-    unknown = [n for n in weights if n not in names]
-    if unknown:
-      raise ValueError(
-        f"unknown domain {unknown[0]!r} in weights; allowed domains are "
-        + ", ".join(repr(n) for n in names)
-      )
-    weights = [weights.get(n, 0.0) for n in names]
-  try:
-    w_K = np.asarray(weights, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(
-      f"weights {weights!r} are not numbers; expected {k} non-negative "
-      f"finite numbers (one per domain: {', '.join(names)})"
-    ) from e
-  if w_K.shape != (k,):
-    raise ValueError(
-      f"weights have shape {w_K.shape}; expected shape ({k},), one weight per "
-      f"domain ({', '.join(names)})"
-    )
-  for i, w in enumerate(w_K.tolist()):
-    if not math.isfinite(w) or w < 0:
-      raise ValueError(
-        f"weights[{i}] = {w!r} (domain {names[i]!r}) is invalid; weights "
-        "must be finite and >= 0"
-      )
-  if not w_K.max() > 0:
-    raise ValueError(
-      f"weights {w_K.tolist()} sum to 0; at least one weight must be > 0"
-    )
-  if not normalise:
-    return w_K
-  with np.errstate(over="ignore"):
-    total = float(w_K.sum())
-  if not math.isfinite(total):
-    # Large finite weights whose sum overflows: scale by the largest first
-    # (dividing by an inf sum would turn every weight into 0).
-    w_K = w_K / w_K.max()
-    total = float(w_K.sum())
-  return w_K / total
+  return check_weights(weights, names=list(names), normalise=normalise)
 
 
 def natural_weights(domains: Sequence[DomainSource]) -> np.ndarray:
   """Weights proportional to each domain's number of documents."""
-  n_K = np.array([len(d) for d in domains], dtype=np.float64)
-  return n_K / n_K.sum()
+  return weights_lib.natural_weights(
+    [len(d) for d in domains], what="domain document counts"
+  )
 
 
 class MixtureSampler:
