@@ -27,12 +27,12 @@ def test_auroc_is_the_fraction_of_ordered_pairs():
   s = np.round(rng.normal(size=60), 1)  # ties on purpose
   pos = rng.random(60) < 0.4
   pairs = [
-    1.0 if a > b else 0.5 if a == b else 0.0
-    for a in s[pos]
-    for b in s[~pos]
+    1.0 if a > b else 0.5 if a == b else 0.0 for a in s[pos] for b in s[~pos]
   ]
   assert common.auroc(s, pos) == pytest.approx(np.mean(pairs), abs=1e-12)
-  assert common.auroc(s, np.ones(60, bool)) != common.auroc(s, np.ones(60, bool))  # nan
+  assert common.auroc(s, np.ones(60, bool)) != common.auroc(
+    s, np.ones(60, bool)
+  )  # nan
 
 
 def test_mean_ci_is_the_t_interval():
@@ -77,7 +77,9 @@ def test_digits_and_sargar_smoke():
   cfg = fcfg.filter_images("smoke", methods=("base", "mixing", "soba"))
   data = results.to_jsonable(experiments.run_digits(cfg))
   assert [r["method"] for r in data["table"]] == ["base", "mixing", "soba"]
-  assert _finite(data["table"]) and isinstance(experiments.plots.plot_digits(data), Figure)
+  assert _finite(data["table"]) and isinstance(
+    experiments.plots.plot_digits(data), Figure
+  )
   assert "Δ target loss vs base" in experiments.summary_digits(data)
   base = data["table"][0]
   assert base["pre/spec_test/vs_base"] == 0.0  # paired with itself
