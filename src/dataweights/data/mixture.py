@@ -243,10 +243,23 @@ class MixtureSampler:
     tokens_BxL = np.full(
       (self.batch_size, self.seq_len), tokenize.PAD_ID, dtype=np.int32
     )
-    n_B = np.empty(self.batch_size, dtype=np.int64)
     cursors, packing = self._cursors, self.packing
-    for b, d in enumerate(domain_B.tolist()):
-      n_B[b] = cursors[d].fill(tokens_BxL[b], packing)
+    if packing == "pack":
+      # Rows of one domain are consecutive pieces of its stream, in batch
+      # order: one take() per domain (the same rows as a fill() per row).
+      order_B = np.argsort(domain_B, kind="stable")
+      count_K = np.bincount(domain_B, minlength=self.num_domains)
+      start, seq_len = 0, self.seq_len
+      for d in np.flatnonzero(count_K).tolist():
+        c = int(count_K[d])
+        rows = order_B[start : start + c]
+        start += c
+        tokens_BxL[rows] = cursors[d].take(c * seq_len).reshape(c, seq_len)
+      n_B = np.full(self.batch_size, seq_len, dtype=np.int64)
+    else:
+      n_B = np.empty(self.batch_size, dtype=np.int64)
+      for b, d in enumerate(domain_B.tolist()):
+        n_B[b] = cursors[d].fill(tokens_BxL[b], packing)
     mask_BxL = np.arange(self.seq_len)[None, :] < n_B[:, None]
     self.step += 1
     return {
@@ -370,8 +383,8 @@ class FilterStreams:
       :func:`natural_weights` (the pool as it comes).
 
   Raises:
-    ValueError: the specific domain is also in the generic pool, or bad
-      weights.
+    ValueError: the specific domain is also in the generic pool, holds fewer
+      tokens than one specific batch, or bad weights.
   """
 
   def __init__(
@@ -385,6 +398,14 @@ class FilterStreams:
       raise ValueError(
         f"specific domain {specific.name!r} is also in the generic pool; "
         "keep the target out of the generic domains"
+      )
+    need = cfg.specific_batch_size * cfg.seq_len
+    have = specific.num_tokens()
+    if have < need:
+      raise ValueError(
+        f"specific domain {specific.name!r} has {have} tokens, fewer than one "
+        f"specific batch of {cfg.specific_batch_size} x {cfg.seq_len} = {need} "
+        "tokens; use a smaller specific batch or a larger specific set"
       )
     common = dict(seq_len=cfg.seq_len, packing=cfg.packing, seed=cfg.seed)
     self.generic = MixtureSampler(

@@ -6,6 +6,7 @@ calls its hooks in this order::
 
   batch, weight_B, mstate = method.select(mstate, ctx)       # which rows, how weighted
   loss_B, grads = loss_and_grads(params, batch, weight_B)    # the model's gradient
+                                                             # (or the method's own)
   grads, mstate, m = method.update(mstate, ctx, grads, ...)  # meta-steps; may change grads
   params, opt_state = apply_gradients(grads)                 # the optimiser
   mstate, m2 = method.post_update(mstate, ctx, new_params)   # look-ahead rules
@@ -124,6 +125,26 @@ class Method:
       with uniform weights.
     """
     return dict(ctx.batches["train"]), None, mstate
+
+  def loss_and_grads(
+    self,
+    mstate: MethodState,
+    ctx: StepContext,
+    batch: Batch,
+    weight_B: jax.Array,
+    key: jax.Array | None,
+  ) -> tuple[tuple[jax.Array, jax.Array, Params, jax.Array], MethodState] | None:
+    """Optionally computes the model's loss and gradient itself.
+
+    Default ``None``: the step computes them (with gradient accumulation).
+    A method whose meta-step needs derivatives of the same loss at the same
+    point (SOBA: one forward-over-reverse pass gives the gradient, ``H v``
+    and every ``⟨∇ℓ_i, v⟩``) returns ``((loss, loss_B, grads, weight_sum),
+    mstate)`` with ``loss = Σ w ℓ / Σ w`` and ``grads`` its gradient, and
+    then handles accumulation itself.
+    """
+    del mstate, ctx, batch, weight_B, key
+    return None
 
   def update(
     self,
