@@ -5,11 +5,23 @@ normalised; sampling is deterministic so resume is exact) with two changes
 the online reweighting methods need: the weights ``w_K`` may be replaced at
 every step, and every batch says which domain each row came from.
 
-**Determinism.** The domains of step ``s`` are ``B`` independent draws from
-``Categorical(w_K)`` (the weights in force at that step) with the generator
+**Draws.** ``draw="iid"`` (the default): the domains of step ``s`` are
+``B`` independent draws from ``Categorical(w_K)``. ``draw="stratified"``:
+every batch holds ``floor(B w_k)`` or ``ceil(B w_k)`` rows of domain ``k``,
+``B`` in all: the floors, plus the ``B - sum_k floor(B w_k)`` leftover rows
+given to domains with probability equal to their remainders ``B w_k -
+floor(B w_k)`` (systematic sampling over a random order of the domains),
+so that ``E[count_k] = B w_k`` exactly; then the rows are shuffled. This is
+largest-remainder apportionment made unbiased: a fixed rule (largest
+remainders first, ties by index) would give the same domains the extra rows
+at every step, e.g. with ``K = 11`` uniform domains and ``B = 16`` the first
+five would get twice the data of the others.
+
+**Determinism.** Either way the draws of step ``s`` use the generator
 ``Generator(Philox(key=SeedSequence([seed, stream, 0]).generate_state(2,
 uint64), counter=[0, 0, 0, s]))``: they depend only on
-``(seed, stream, s, w_K)``, not on earlier weights. Within a domain, rows are
+``(seed, stream, s, w_K)`` (the weights in force at that step), not on
+earlier weights. Within a domain, rows are
 filled by a :class:`~dataweights.data.pipeline.DomainCursor` (a seeded
 permutation per epoch). The full state, :meth:`MixtureSampler.get_state`, is a
 small JSON-able dict (step, weights, one ``[docs_done, offset]`` per domain);
@@ -44,6 +56,7 @@ from dataweights.data.pipeline import (
 from dataweights.weights import check_weights
 
 STATE_FORMAT = "dataweights.mixture/1"
+DRAWS: tuple[str, ...] = ("iid", "stratified")
 
 
 def validate_weights(
@@ -83,9 +96,11 @@ class MixtureSampler:
       :func:`natural_weights`.
     stream: an integer that makes this sampler's randomness independent of
       another sampler's with the same seed (e.g. generic vs specific).
+    draw: ``"iid"`` (independent rows) or ``"stratified"`` (per-batch
+      counts ``floor`` or ``ceil`` of ``B w_k``; see the module docstring).
 
   Raises:
-    ValueError: no domains, duplicate names, bad sizes or weights.
+    ValueError: no domains, duplicate names, bad sizes, weights or draw.
   """
 
   def __init__(
@@ -98,6 +113,7 @@ class MixtureSampler:
     seed: int = 0,
     weights: Any = None,
     stream: int = 0,
+    draw: str = "iid",
   ):
     domains = list(domains)
     if not domains:
@@ -125,6 +141,12 @@ class MixtureSampler:
         f"packing = {packing!r} is invalid; allowed values are "
         + ", ".join(repr(p) for p in PACKINGS)
       )
+    if draw not in DRAWS:
+      raise ValueError(
+        f"draw = {draw!r} is invalid; allowed values are "
+        + ", ".join(repr(d) for d in DRAWS)
+      )
+    self.draw = draw
     self.domains = domains
     self.names: tuple[str, ...] = tuple(names)
     self.batch_size, self.seq_len = int(batch_size), int(seq_len)
@@ -190,6 +212,8 @@ class MixtureSampler:
     rng = np.random.Generator(
       np.random.Philox(key=self._step_key, counter=[0, 0, 0, int(step)])
     )
+    if self.draw == "stratified":
+      return _stratified_domains(w_K, self.batch_size, rng)
     # Inverse-CDF draws: B uniforms, searchsorted in the cumulative weights.
     cdf_K = np.cumsum(w_K)
     cdf_K /= cdf_K[-1]
@@ -252,6 +276,7 @@ class MixtureSampler:
 
   def _config(self) -> dict[str, Any]:
     return {
+      "draw": self.draw,
       "seed": self.seed,
       "stream": self.stream,
       "batch_size": self.batch_size,
@@ -290,7 +315,8 @@ class MixtureSampler:
         f"{STATE_FORMAT!r} from MixtureSampler.get_state()"
       )
     for key, mine in self._config().items():
-      saved = state.get(key)
+      # States saved before stratified draws existed were i.i.d.
+      saved = state.get(key, "iid" if key == "draw" else None)
       if saved != mine:
         raise ValueError(
           f"saved sampler state has {key} = {saved!r} but this sampler has "
@@ -315,6 +341,29 @@ class MixtureSampler:
       except ValueError as e:
         raise ValueError(f"saved cursors[{k}] is invalid: {e}") from e
     self.step, self._w_K = step, w_K
+
+
+def _stratified_domains(
+  w_K: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> np.ndarray:
+  """``floor``/``ceil`` of ``B w_K`` rows per domain, unbiased, shuffled."""
+  target_K = batch_size * w_K
+  count_K = np.floor(target_K).astype(np.int64)
+  left = batch_size - int(count_K.sum())
+  if left > 0:
+    # Systematic sampling: the remainders tile [0, left) in a random domain
+    # order; the points u, u + 1, ..., u + left - 1 each pick the domain
+    # whose tile holds them. A tile is shorter than 1, so a domain gets at
+    # most one extra row, with probability equal to its remainder.
+    order_K = rng.permutation(w_K.shape[0])
+    rem_K = (target_K - count_K)[order_K]
+    cum_K1 = np.concatenate([[0.0], np.cumsum(rem_K)])
+    cum_K1 *= left / cum_K1[-1]  # the remainders sum to `left` up to round-off
+    u = rng.random()
+    extra_K = np.ceil(cum_K1[1:] - u) - np.ceil(cum_K1[:-1] - u)
+    count_K[order_K] += extra_K.astype(np.int64)
+  domain_B = np.repeat(np.arange(w_K.shape[0]), count_K)
+  return rng.permutation(domain_B).astype(np.int32)
 
 
 class FilterStreams:
@@ -421,6 +470,7 @@ def train_sampler(
   cfg: PipelineConfig,
   weights: Any = None,
   stream: int = 0,
+  draw: str = "iid",
 ) -> MixtureSampler:
   """A :class:`MixtureSampler` with ``cfg``'s training shapes (B x L)."""
   return MixtureSampler(
@@ -431,4 +481,5 @@ def train_sampler(
     seed=cfg.seed,
     weights=weights,
     stream=stream,
+    draw=draw,
   )

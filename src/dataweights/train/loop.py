@@ -151,10 +151,11 @@ class Trainer:
     extra = dict(extra or {})
     if method is not None:
       params = nnx.state(model, nnx.Param)
-      extra["method"] = method.init(
+      extra["method"] = method.init_for_run(
         params,
         jax.random.fold_in(jax.random.key(train_cfg.seed), 0x6D657468),
         None if self.domain_names is None else len(self.domain_names),
+        tx,
       )
     state, static, shardings = init_train_state(
       model, tx, seed=train_cfg.seed, extra=extra

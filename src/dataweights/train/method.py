@@ -63,6 +63,12 @@ class StepContext:
       the weighted mean loss and its gradient, accumulated over microbatches
       exactly like the main step.
     num_domains: K, when the run has named domains (else None).
+    opt_state: the optimiser state before the update (a method that replays
+      optimiser steps, e.g. finite-horizon mixing, keeps a copy).
+    tx: the optax transformation the step applies.
+    model_fn: ``model_fn(params) -> nnx.Module``, the model with these
+      parameters (for outputs other than per-example losses: per-token
+      losses, features).
   """
 
   step: jax.Array
@@ -73,6 +79,9 @@ class StepContext:
   loss_fn: Callable[..., jax.Array]
   grad_fn: Callable[..., tuple[jax.Array, jax.Array, Params]]
   num_domains: int | None = None
+  opt_state: Any = None
+  tx: Any = None
+  model_fn: Callable[[Params], Any] | None = None
 
 
 class Method:
@@ -91,10 +100,20 @@ class Method:
   batches: tuple[str, ...] = ()
   emits_weights: bool = False
 
-  def init(self, params: Params, key: jax.Array, num_domains: int | None) -> MethodState:
+  def init(
+    self, params: Params, key: jax.Array, num_domains: int | None
+  ) -> MethodState:
     """The initial method state (a pytree of arrays; may be ``{}``)."""
     del params, key, num_domains
     return {}
+
+  def init_for_run(
+    self, params: Params, key: jax.Array, num_domains: int | None, tx: Any
+  ) -> MethodState:
+    """What the trainer calls: :meth:`init`, unless the method needs the
+    optimiser ``tx`` to shape its state (a copy of the optimiser state)."""
+    del tx
+    return self.init(params, key, num_domains)
 
   def select(
     self, mstate: MethodState, ctx: StepContext
@@ -168,7 +187,9 @@ def _shape_tree(tree: Any) -> Any:
   return jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)), tree)
 
 
-def state_shardings(mstate: Any, params: Params, param_shardings: Any, replicated: Any) -> Any:
+def state_shardings(
+  mstate: Any, params: Params, param_shardings: Any, replicated: Any
+) -> Any:
   """Shardings of a method state: parameter-shaped sub-trees like the parameters.
 
   A sub-tree with the parameters' tree structure and leaf shapes (a model
@@ -200,7 +221,9 @@ def state_shardings(mstate: Any, params: Params, param_shardings: Any, replicate
   return jax.tree.map(place, mstate, is_leaf=like_params)
 
 
-def check_batches(method: Method, available: tuple[str, ...] | list[str]) -> None:
+def check_batches(
+  method: Method, available: tuple[str, ...] | list[str]
+) -> None:
   """Fails early if the feeder cannot supply a batch the method needs.
 
   Raises:

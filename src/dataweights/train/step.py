@@ -274,6 +274,11 @@ def make_train_step(
       loss_fn=params_loss,
       grad_fn=params_grad,
       num_domains=num_domains,
+      opt_state=state.opt_state,
+      tx=static.tx,
+      model_fn=lambda p: nnx.merge(
+        static.graphdef, p, state.model_state, copy=True
+      ),
     )
     batch, method_weight_B, mstate = method.select(mstate, ctx)
     weight_B = example_weights(batch, state.extra)
