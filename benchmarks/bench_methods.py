@@ -22,6 +22,7 @@ Two parts, both in one process:
   python benchmarks/bench_methods.py --out bench-results/methods.json
   python benchmarks/bench_methods.py --quick   # smoke shapes, a minute
   python benchmarks/bench_methods.py --skip-gpt2
+  python benchmarks/bench_methods.py --gpt2-only  # part 2 only; saved as it goes
 """
 
 import argparse
@@ -176,8 +177,14 @@ def _loss_fn(trainer):
   return loss
 
 
-def gpt2_shape(batch: int, length: int, K: int, horizons, quick: bool) -> dict:
-  """Compiled memory and FLOPs of every method's step on abstract inputs."""
+def gpt2_shape(
+  batch: int, length: int, K: int, horizons, quick: bool, save=None
+) -> dict:
+  """Compiled memory and FLOPs of every method's step on abstract inputs.
+
+  ``save(rows)``, if given, is called after each method with the rows so far
+  (a long run keeps what it has measured).
+  """
   if quick:
     cfg = lm.lm_model(
       "smoke", num_layers=2, d_model=64, num_heads=4, d_mlp=256, max_len=length
@@ -268,6 +275,8 @@ def gpt2_shape(batch: int, length: int, K: int, horizons, quick: bool) -> dict:
       f"{name}: peak {peak / 2**30:.2f} GiB, {rows[name]['flops']:.3g} flops, compile {compile_s:.0f} s",
       flush=True,
     )
+    if save is not None:
+      save(rows)
   base = rows["plain"]
   for r in rows.values():
     r["peak_ratio_to_plain"] = round(r["peak_bytes"] / base["peak_bytes"], 2)
@@ -292,23 +301,38 @@ def main() -> None:
   ap.add_argument("--skip-gpt2", action="store_true")
   ap.add_argument("--gpt2-batch", type=int, default=8)
   ap.add_argument("--gpt2-length", type=int, default=1024)
+  ap.add_argument(
+    "--gpt2-only", action="store_true", help="skip the chapter-shape timings"
+  )
   args = ap.parse_args()
   profile = "smoke" if args.quick else "book"
   out = {"cpu_count": os.cpu_count(), "jax": jax.__version__}
-  out["chapter_shape"] = chapter_shape(profile, args.rounds, args.steps)
-  print(json.dumps(out["chapter_shape"]["methods"], indent=1))
+  path = Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write():
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+  if not args.gpt2_only:
+    out["chapter_shape"] = chapter_shape(profile, args.rounds, args.steps)
+    print(json.dumps(out["chapter_shape"]["methods"], indent=1))
+    write()
   if not args.skip_gpt2:
     hz = lm_mixing(profile).horizons
+
+    def save(rows):
+      out["gpt2_124m_shape"] = {"partial": True, "methods": rows}
+      write()
+
     out["gpt2_124m_shape"] = gpt2_shape(
       2 if args.quick else args.gpt2_batch,
       32 if args.quick else args.gpt2_length,
       11,
       hz,
       args.quick,
+      save=save,
     )
-  path = Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1) + "\n")
+  write()
   print(f"wrote {path}")
 
 
