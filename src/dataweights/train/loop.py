@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -31,7 +32,13 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
-from tqdm.auto import tqdm
+
+with warnings.catch_warnings():
+  # tqdm.auto warns at import in a notebook without ipywidgets (and then uses
+  # the text bar); chapters train with progress=False, so the warning would
+  # only clutter their pages.
+  warnings.filterwarnings("ignore", message="IProgress not found")
+  from tqdm.auto import tqdm
 
 from dataweights import metrics as metrics_lib
 from dataweights.checkpoint import CheckpointError, CheckpointManager

@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+# JSON rounding is shared with Chapter 1 (one definition).
+from dataweights.experiments.ch1.common import r as rnd  # noqa: F401
+
 CONFIDENCE = 0.95
 
 LABELS = {
@@ -50,24 +53,6 @@ def t_interval(
     / math.sqrt(x.size)
   )
   return {"mean": mean, "lo": mean - half, "hi": mean + half, "half": half}
-
-
-def rnd(x: Any, digits: int = 6) -> Any:
-  """Rounds floats (recursively) to ``digits`` significant digits for JSON."""
-  if isinstance(x, dict):
-    return {k: rnd(v, digits) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [rnd(v, digits) for v in x]
-  if isinstance(x, np.ndarray):
-    return rnd(x.tolist(), digits)
-  if isinstance(x, (float, np.floating)):
-    x = float(x)
-    if not math.isfinite(x) or x == 0.0:
-      return x
-    return float(f"{x:.{digits}g}")
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
 
 
 def fmt_ci(ci: dict[str, float], digits: int = 3, sign: bool = False) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -36,17 +35,11 @@ from dataweights.configs.lm_mixing import LMMixingConfig
 from dataweights.data.mixture import MixtureSampler
 from dataweights.data.pipeline import pack_documents, prepared_domains
 from dataweights.methods import domain_weights
-
-with warnings.catch_warnings():
-  # dataweights.train imports tqdm.auto, which warns in a notebook without
-  # ipywidgets; the chapters train with progress=False, so the warning
-  # would only clutter the page.
-  warnings.filterwarnings("ignore", message="IProgress not found")
-  from dataweights.train import mixers
-  from dataweights.train.feeder import Feeder
-  from dataweights.train.loop import Trainer
-  from dataweights.train.state import init_train_state
-  from dataweights.train.step import lm_loss
+from dataweights.train import mixers
+from dataweights.train.feeder import Feeder
+from dataweights.train.loop import Trainer
+from dataweights.train.state import init_train_state
+from dataweights.train.step import lm_loss
 
 BASELINES_A = ("uniform", "natural", "temperature", "stratified")
 BASELINES_B = ("natural", "stratified")
