@@ -292,7 +292,7 @@ def test_arguments_contradicting_config_json_are_refused(tmp_path):
     gpt2.load_gpt2_safetensors(path, wrong)
   # Fields the checkpoint does not fix may be chosen freely:
   cfg = gpt2.gpt2_config_from_checkpoint(path, dtype="bfloat16", remat=True)
-  assert (cfg.dtype, cfg.remat, cfg.num_heads) == ("bfloat16", True, 4)
+  assert (cfg.dtype, cfg.remat, cfg.num_heads) == ("bfloat16", "full", 4)  # True means "full"
 
 
 def _asdict(cfg):
