@@ -5,6 +5,8 @@ Oracles: the exact empirical Fisher built from per-example gradients
 algebra (``np.kron``, ``np.linalg.solve``).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,7 +188,8 @@ def test_damping_behaves_as_documented(method):
 def test_taps_give_per_example_gradients_of_a_transformer():
   # Sequences: dW_n = sum_t a_nt g_nt^T must equal autodiff per example.
   cfg = lm.lm_model(
-    "smoke", num_layers=2, d_model=16, num_heads=2, d_mlp=24, max_len=16
+    "smoke", num_layers=2, d_model=16, num_heads=2, d_mlp=24, max_len=16,
+    remat="none",
   )
   gd, params, rest = nnx.split(
     tr.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...
@@ -226,12 +229,21 @@ def test_layer_errors():
   with pytest.raises(kfac.LayerError, match="no layers"):
     kfac.check_layers(model, [])
   cfg = lm.lm_model(
-    "smoke", num_layers=1, d_model=16, num_heads=2, d_mlp=24, max_len=16
+    "smoke", num_layers=1, d_model=16, num_heads=2, d_mlp=24, max_len=16,
+    remat="none",
   )
   t = tr.Transformer(cfg, rngs=nnx.Rngs(0))
   with pytest.raises(kfac.LayerError, match="not a linear layer"):
     kfac.get_layer(t, "blocks/0/attn/query")
   assert kfac.check_layers(t, ["blocks/0/mlp/fc"]) == ("blocks/0/mlp/fc",)
+  # A rematerialised or scanned model cannot be tapped: a clear error, not a
+  # tracer leak from inside jax.checkpoint.
+  for kw in ({"remat": "full"}, {"scan_layers": True}):
+    other = tr.Transformer(
+      dataclasses.replace(cfg, **kw), rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(kfac.LayerError, match="remat|scan_layers"):
+      kfac.check_layers(other, ["blocks/0/mlp/fc"])
   fit = kfac.fit_kfac(
     _stats_fn(sq_loss, gd, params, rest, ["layers/0"]),
     [{"x_BxI": jnp.ones((2, 3)), "t_BxO": jnp.ones((2, 2))}],

@@ -154,8 +154,35 @@ def _set_layer(model: nnx.Module, path: str, new: Any) -> None:
     setattr(parent, last, new)
 
 
+def check_tappable(model: nnx.Module) -> None:
+  """Raises if the model runs its layers inside ``jax.checkpoint``/``scan``.
+
+  A tap records a layer's input from inside the model's forward pass; a
+  block that is split and re-merged under ``jax.checkpoint`` or stacked for
+  ``lax.scan`` (the transformer's ``remat`` and ``scan_layers`` options)
+  runs in an inner trace the tap cannot leave.
+
+  Raises:
+    LayerError: naming the option to turn off.
+  """
+  cfg = getattr(model, "cfg", None)
+  remat = getattr(cfg, "remat", "none")
+  if remat not in ("none", False, None):
+    raise LayerError(
+      f"{type(model).__name__} rematerialises its blocks (cfg.remat = "
+      f"{remat!r}); K-FAC taps need cfg.remat = 'none'"
+    )
+  if getattr(cfg, "scan_layers", False):
+    raise LayerError(
+      f"{type(model).__name__} scans over stacked blocks (cfg.scan_layers = "
+      "True); K-FAC taps need scan_layers = False"
+    )
+
+
 def check_layers(model: nnx.Module, layers: Sequence[str]) -> tuple[str, ...]:
-  """Validates layer paths (non-empty, unique, each a linear layer)."""
+  """Validates layer paths (non-empty, unique, each a linear layer) and
+  that the model can be tapped (:func:`check_tappable`)."""
+  check_tappable(model)
   layers = tuple(layers)
   if not layers:
     raise LayerError(
@@ -240,6 +267,7 @@ def layer_stats(
   """
   bsz = jax.tree.leaves(batch)[0].shape[0]
   probe = nnx.merge(graphdef, params, rest, copy=True)
+  check_tappable(probe)
   has_bias = {
     p: getattr(get_layer(probe, p), "bias", None) is not None for p in layers
   }

@@ -6,4 +6,7 @@ helpers (:mod:`.common`) and the chapter's figures (:mod:`.plots`, which
 read the published data and compute nothing).
 """
 
-from dataweights.experiments.ch5 import loo  # noqa: F401  (imported to register)
+from dataweights.experiments.ch5 import (  # noqa: F401  (imported to register)
+  loo,
+  select,
+)
