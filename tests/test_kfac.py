@@ -188,7 +188,12 @@ def test_damping_behaves_as_documented(method):
 def test_taps_give_per_example_gradients_of_a_transformer():
   # Sequences: dW_n = sum_t a_nt g_nt^T must equal autodiff per example.
   cfg = lm.lm_model(
-    "smoke", num_layers=2, d_model=16, num_heads=2, d_mlp=24, max_len=16,
+    "smoke",
+    num_layers=2,
+    d_model=16,
+    num_heads=2,
+    d_mlp=24,
+    max_len=16,
     remat="none",
   )
   gd, params, rest = nnx.split(
@@ -229,7 +234,12 @@ def test_layer_errors():
   with pytest.raises(kfac.LayerError, match="no layers"):
     kfac.check_layers(model, [])
   cfg = lm.lm_model(
-    "smoke", num_layers=1, d_model=16, num_heads=2, d_mlp=24, max_len=16,
+    "smoke",
+    num_layers=1,
+    d_model=16,
+    num_heads=2,
+    d_mlp=24,
+    max_len=16,
     remat="none",
   )
   t = tr.Transformer(cfg, rngs=nnx.Rngs(0))
@@ -239,9 +249,7 @@ def test_layer_errors():
   # A rematerialised or scanned model cannot be tapped: a clear error, not a
   # tracer leak from inside jax.checkpoint.
   for kw in ({"remat": "full"}, {"scan_layers": True}):
-    other = tr.Transformer(
-      dataclasses.replace(cfg, **kw), rngs=nnx.Rngs(0)
-    )
+    other = tr.Transformer(dataclasses.replace(cfg, **kw), rngs=nnx.Rngs(0))
     with pytest.raises(kfac.LayerError, match="remat|scan_layers"):
       kfac.check_layers(other, ["blocks/0/mlp/fc"])
   fit = kfac.fit_kfac(

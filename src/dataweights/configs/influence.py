@@ -68,8 +68,13 @@ class InfluenceLOOConfig:
     _check_seeds(self)
     check_int(self, "n_train", "n_query", "n_removed", "hidden", minimum=2)
     check_int(
-      self, "lbfgs_steps", "newton_steps", "loo_steps", "cg_iters",
-      "loo_batch", "bootstrap",
+      self,
+      "lbfgs_steps",
+      "newton_steps",
+      "loo_steps",
+      "cg_iters",
+      "loo_batch",
+      "bootstrap",
     )
     check_positive(self, "l2", "loo_tol")
     if self.n_removed > self.n_train:
@@ -81,22 +86,33 @@ class InfluenceLOOConfig:
 
 LOO_PRESETS: dict[str, dict[str, Any]] = {
   "smoke": dict(
-    seeds=(0,), n_train=60, n_query=20, n_removed=8, hidden=4,
-    lbfgs_steps=200, loo_steps=8, loo_batch=4, bootstrap=50,
+    seeds=(0,),
+    n_train=60,
+    n_query=20,
+    n_removed=8,
+    hidden=4,
+    lbfgs_steps=200,
+    loo_steps=8,
+    loo_batch=4,
+    bootstrap=50,
   ),
   "book": {},
   "paper": dict(
-    seeds=(0, 1, 2, 3, 4), n_train=1000, n_query=279, n_removed=1000,
-    hidden=32, loo_batch=100,
+    seeds=(0, 1, 2, 3, 4),
+    n_train=1000,
+    n_query=279,
+    n_removed=1000,
+    hidden=32,
+    loo_batch=100,
   ),
 }
 
 
-def influence_loo(profile: str = "book", **overrides: Any) -> InfluenceLOOConfig:
+def influence_loo(
+  profile: str = "book", **overrides: Any
+) -> InfluenceLOOConfig:
   """The leave-one-out study's config for ``profile``."""
   return from_profile(InfluenceLOOConfig, LOO_PRESETS, profile, overrides)
-
-
 
 
 SELECTION_METHODS: tuple[str, ...] = (
@@ -124,8 +140,14 @@ class SelectionConfig:
   profile: str = "book"
   seeds: tuple[int, ...] = (0, 1, 2)  # pools, corruptions, orders
   sources: tuple[str, ...] = (
-    "chat", "dialogue", "glossary", "scripture", "fiction",
-    "encyclopaedic", "news", "multilingual",
+    "chat",
+    "dialogue",
+    "glossary",
+    "scripture",
+    "fiction",
+    "encyclopaedic",
+    "news",
+    "multilingual",
   )  # instruction sources in the pool
   target: str = "glossary"  # the target source (seed and evaluation sets)
   pool_per_source: int = 150  # candidates drawn from each source
@@ -176,10 +198,24 @@ class SelectionConfig:
     check_choice(self, "target", self.sources)
     check_in_range(self, "corrupt_rate", 0.0, 0.9)
     check_int(
-      self, "pool_per_source", "seed_size", "eval_size", "d_model",
-      "num_layers", "num_heads", "d_mlp", "warmup_steps", "warmup_batch",
-      "checkpoints", "finetune_steps", "finetune_batch", "proj_dim",
-      "seed_batch", "num_clusters", "chunk_size", "classifier_steps",
+      self,
+      "pool_per_source",
+      "seed_size",
+      "eval_size",
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "d_mlp",
+      "warmup_steps",
+      "warmup_batch",
+      "checkpoints",
+      "finetune_steps",
+      "finetune_batch",
+      "proj_dim",
+      "seed_batch",
+      "num_clusters",
+      "chunk_size",
+      "classifier_steps",
     )
     check_int(self, "pretrain_steps", minimum=0)
     check_int(self, "pretrain_batch")
@@ -209,24 +245,54 @@ class SelectionConfig:
 
 SELECTION_PRESETS: dict[str, dict[str, Any]] = {
   "smoke": dict(
-    seeds=(0,), sources=("chat", "glossary", "scripture"),
-    pool_per_source=24, seed_size=8, eval_size=16, seq_len=32,
-    d_model=16, num_layers=1, num_heads=2, d_mlp=32, pretrain_steps=4,
-    pretrain_batch=8, warmup_steps=4, warmup_batch=8, finetune_steps=4,
-    finetune_batch=8, proj_dim=16, gdig_layers=("blocks/0/mlp/fc",),
-    seed_batch=4, num_clusters=3, chunk_size=8, classifier_steps=20,
+    seeds=(0,),
+    sources=("chat", "glossary", "scripture"),
+    pool_per_source=24,
+    seed_size=8,
+    eval_size=16,
+    seq_len=32,
+    d_model=16,
+    num_layers=1,
+    num_heads=2,
+    d_mlp=32,
+    pretrain_steps=4,
+    pretrain_batch=8,
+    warmup_steps=4,
+    warmup_batch=8,
+    finetune_steps=4,
+    finetune_batch=8,
+    proj_dim=16,
+    gdig_layers=("blocks/0/mlp/fc",),
+    seed_batch=4,
+    num_clusters=3,
+    chunk_size=8,
+    classifier_steps=20,
     budgets=(0.25,),
   ),
   "book": {},
   "paper": dict(
-    seeds=(0, 1, 2, 3, 4), pool_per_source=1000, seed_size=64,
-    eval_size=400, seq_len=256, d_model=256, num_layers=6, num_heads=8,
-    d_mlp=1024, pretrain_steps=20_000, pretrain_batch=64,
-    warmup_steps=2000, warmup_batch=64, checkpoints=4,
-    finetune_steps=2000, finetune_batch=64, learning_rate=1e-3,
-    budgets=(0.05, 0.1, 0.25), proj_dim=8192,
+    seeds=(0, 1, 2, 3, 4),
+    pool_per_source=1000,
+    seed_size=64,
+    eval_size=400,
+    seq_len=256,
+    d_model=256,
+    num_layers=6,
+    num_heads=8,
+    d_mlp=1024,
+    pretrain_steps=20_000,
+    pretrain_batch=64,
+    warmup_steps=2000,
+    warmup_batch=64,
+    checkpoints=4,
+    finetune_steps=2000,
+    finetune_batch=64,
+    learning_rate=1e-3,
+    budgets=(0.05, 0.1, 0.25),
+    proj_dim=8192,
     gdig_layers=tuple(f"blocks/{i}/mlp/fc" for i in range(6)),
-    chunk_size=256, num_clusters=16,
+    chunk_size=256,
+    num_clusters=16,
   ),
 }
 

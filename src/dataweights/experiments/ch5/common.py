@@ -11,7 +11,12 @@ import scipy.stats
 from dataweights.experiments.ch1.common import fmt_table, r
 
 __all__ = [
-  "bootstrap_corr", "corr_ci", "fmt_ci", "fmt_table", "mean_ci", "r",
+  "bootstrap_corr",
+  "corr_ci",
+  "fmt_ci",
+  "fmt_table",
+  "mean_ci",
+  "r",
 ]
 
 

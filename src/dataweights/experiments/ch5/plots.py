@@ -56,8 +56,12 @@ def plot_loo(data: dict[str, Any]) -> Figure:
     for i, m in enumerate(models):
       mean, err = _err(data["models"][m]["summary"][name]["pearson"])
       ax0.bar(
-        i + (j - (len(names) - 1) / 2) * width, mean, width,
-        yerr=np.array(err)[:, None], color=COLORS[name], capsize=2,
+        i + (j - (len(names) - 1) / 2) * width,
+        mean,
+        width,
+        yerr=np.array(err)[:, None],
+        color=COLORS[name],
+        capsize=2,
         label=LABELS[name] if i == 0 else None,
       )
   ax0.set_xticks(range(len(models)), models)
@@ -69,20 +73,35 @@ def plot_loo(data: dict[str, Any]) -> Figure:
     actual = np.asarray(sc["actual"])
     for name in ("hessian", "kfac", "ekfac"):
       ax.plot(
-        actual, sc[name], "o", ms=3.5, alpha=0.75, color=COLORS[name],
+        actual,
+        sc[name],
+        "o",
+        ms=3.5,
+        alpha=0.75,
+        color=COLORS[name],
         label=LABELS[name],
       )
-    lim = np.abs(np.concatenate([actual] + [np.asarray(sc[n]) for n in ("hessian", "kfac", "ekfac")])).max() * 1.05
+    lim = (
+      np.abs(
+        np.concatenate(
+          [actual] + [np.asarray(sc[n]) for n in ("hessian", "kfac", "ekfac")]
+        )
+      ).max()
+      * 1.05
+    )
     ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8, ls="--")
     ax.set(
-      xlim=(-lim, lim), ylim=(-lim, lim),
+      xlim=(-lim, lim),
+      ylim=(-lim, lim),
       xlabel="actual change of test loss (retrained)",
       ylabel="predicted change  $-s_i/N$",
     )
     ax.ticklabel_format(style="sci", scilimits=(-2, 2))
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{m}: removing one example (seed {data['seeds'][0]})", fontsize=10)
+    ax.set_title(
+      f"{m}: removing one example (seed {data['seeds'][0]})", fontsize=10
+    )
   return fig
 
 
@@ -96,14 +115,22 @@ def plot_selection(data: dict[str, Any]) -> Figure:
   width = 0.8 / len(methods)
   for key, ax, ylabel in (
     ("target_loss", axs[0, 0], "target held-out loss (nats/byte)"),
-    ("corrupted", axs[0, 1], "fraction of the selection with swapped responses"),
+    (
+      "corrupted",
+      axs[0, 1],
+      "fraction of the selection with swapped responses",
+    ),
   ):
     for j, m in enumerate(methods):
       for i, b in enumerate(budgets):
         mean, err = _err(s["budgets"][b][m][key])
         ax.bar(
-          i + (j - (len(methods) - 1) / 2) * width, mean, width,
-          yerr=np.array(err)[:, None], color=COLORS[m], capsize=2,
+          i + (j - (len(methods) - 1) / 2) * width,
+          mean,
+          width,
+          yerr=np.array(err)[:, None],
+          color=COLORS[m],
+          capsize=2,
           label=LABELS[m] if i == 0 else None,
         )
     ax.set_xticks(
@@ -112,36 +139,63 @@ def plot_selection(data: dict[str, Any]) -> Figure:
     ax.set_ylabel(ylabel)
     _style(ax)
   ax = axs[0, 0]
-  ax.axhline(s["full_pool_loss"]["mean"], color="black", ls="--", lw=1, label="whole pool")
-  vals = [s["budgets"][b][m]["target_loss"]["lo"] for b in budgets for m in methods]
-  hi = [s["budgets"][b][m]["target_loss"]["hi"] for b in budgets for m in methods]
+  ax.axhline(
+    s["full_pool_loss"]["mean"],
+    color="black",
+    ls="--",
+    lw=1,
+    label="whole pool",
+  )
+  vals = [
+    s["budgets"][b][m]["target_loss"]["lo"] for b in budgets for m in methods
+  ]
+  hi = [
+    s["budgets"][b][m]["target_loss"]["hi"] for b in budgets for m in methods
+  ]
   lo_y = min(vals + [s["full_pool_loss"]["mean"]])
   hi_y = max(hi + [s["full_pool_loss"]["mean"]])
   pad = 0.15 * (hi_y - lo_y + 1e-9)
   ax.set_ylim(lo_y - pad, hi_y + pad)
   ax.legend(fontsize=7, ncol=2)
-  ax.set_title(f"fine-tuned on each selection (mean over {len(data['seeds'])} seeds, 95% interval)", fontsize=10)
-  axs[0, 1].axhline(s["pool_corrupted"]["mean"], color="black", ls="--", lw=1, label="pool")
+  ax.set_title(
+    f"fine-tuned on each selection (mean over {len(data['seeds'])} seeds, 95% interval)",
+    fontsize=10,
+  )
+  axs[0, 1].axhline(
+    s["pool_corrupted"]["mean"], color="black", ls="--", lw=1, label="pool"
+  )
   axs[0, 1].legend(fontsize=7)
   axs[0, 1].set_title("corrupted pairs selected", fontsize=10)
 
   ax = axs[1, 0]
   scored = list(s["auroc_clean"])
   for j, (key, hatch, lab) in enumerate(
-    (("auroc_clean", None, "clean vs swapped"), ("auroc_target", "//", "target source vs other"))
+    (
+      ("auroc_clean", None, "clean vs swapped"),
+      ("auroc_target", "//", "target source vs other"),
+    )
   ):
     for i, m in enumerate(scored):
       mean, err = _err(s[key][m])
       ax.bar(
-        i + (j - 0.5) * 0.38, mean, 0.38, yerr=np.array(err)[:, None],
-        color=COLORS[m], hatch=hatch, edgecolor="white", capsize=2,
+        i + (j - 0.5) * 0.38,
+        mean,
+        0.38,
+        yerr=np.array(err)[:, None],
+        color=COLORS[m],
+        hatch=hatch,
+        edgecolor="white",
+        capsize=2,
         label=lab if i == 0 else None,
       )
   ax.axhline(0.5, color="black", lw=0.8, ls="--")
   ax.set_xticks(range(len(scored)), [LABELS[m] for m in scored])
   ax.set(ylabel="AUROC of the score", ylim=(0, 1.02))
   ax.legend(fontsize=7, loc="lower right")
-  _style(ax, "does the score separate...? (plain bars: clean vs swapped; hatched: target vs other)")
+  _style(
+    ax,
+    "does the score separate...? (plain bars: clean vs swapped; hatched: target vs other)",
+  )
 
   ax = axs[1, 1]
   sweep = s["sweep_auroc_clean"]
@@ -149,15 +203,30 @@ def plot_selection(data: dict[str, Any]) -> Figure:
     keys = [k for k in sweep if k.startswith(method + "@")]
     lam = np.array([float(k.split("@")[1]) for k in keys])
     order = np.argsort(lam)
-    for key, ls, lab in (("sweep_auroc_clean", "-", "clean"), ("sweep_auroc_target", "--", "target")):
+    for key, ls, lab in (
+      ("sweep_auroc_clean", "-", "clean"),
+      ("sweep_auroc_target", "--", "target"),
+    ):
       mean = np.array([s[key][keys[i]]["mean"] for i in order])
       lo = np.array([s[key][keys[i]]["lo"] for i in order])
       hi_ = np.array([s[key][keys[i]]["hi"] for i in order])
-      ax.plot(lam[order], mean, ls, color=color, marker="o", ms=4,
-              label=f"{LABELS[method]}: {lab}")
+      ax.plot(
+        lam[order],
+        mean,
+        ls,
+        color=color,
+        marker="o",
+        ms=4,
+        label=f"{LABELS[method]}: {lab}",
+      )
       ax.fill_between(lam[order], lo, hi_, color=color, alpha=0.12)
   ax.axhline(0.5, color="black", lw=0.8, ls=":")
-  ax.set(xscale="log", xlabel=r"damping $\lambda$", ylabel="AUROC of G-DIG's score", ylim=(0, 1.02))
+  ax.set(
+    xscale="log",
+    xlabel=r"damping $\lambda$",
+    ylabel="AUROC of G-DIG's score",
+    ylim=(0, 1.02),
+  )
   ax.legend(fontsize=7)
   ax.grid(True, alpha=0.3)
   ax.set_title("G-DIG quality score against the damping", fontsize=10)

@@ -164,7 +164,9 @@ class _Phase:
 
 
 @functools.lru_cache(maxsize=16)
-def _phase(cfg: cfgs.SelectionConfig, steps: int, batch: int, vmapped: bool) -> _Phase:
+def _phase(
+  cfg: cfgs.SelectionConfig, steps: int, batch: int, vmapped: bool
+) -> _Phase:
   tcfg = train_cfgs.train(
     "book",
     learning_rate=cfg.learning_rate,
@@ -219,7 +221,9 @@ def base_params(cfg: cfgs.SelectionConfig) -> Any:
   ph = _phase(cfg, cfg.pretrain_steps, cfg.pretrain_batch, False)
   rng = np.random.default_rng([BASE_SEED, 0xBA5E])
   idx = _schedule_rows(
-    rng, np.arange(rows["tokens_BxL"].shape[0]), cfg.pretrain_steps,
+    rng,
+    np.arange(rows["tokens_BxL"].shape[0]),
+    cfg.pretrain_steps,
     cfg.pretrain_batch,
   )
   state, _ = ph.run(ph.init(params), _batches(rows, idx))
@@ -256,7 +260,10 @@ def _programs(cfg: cfgs.SelectionConfig) -> dict[str, Any]:
   @jax.jit
   def plain_features(params, batch):
     return pergrad.per_example_features(
-      loss_p, params, batch, feature_fn=proj.project,
+      loss_p,
+      params,
+      batch,
+      feature_fn=proj.project,
       chunk_size=cfg.chunk_size,
     )
 
@@ -274,8 +281,11 @@ def _programs(cfg: cfgs.SelectionConfig) -> dict[str, Any]:
     return jnp.mean(loss_p(params, batch))
 
   return {
-    "features": features, "plain_features": plain_features, "stats": stats,
-    "gdig_scores": gdig_scores, "eval_loss": eval_loss,
+    "features": features,
+    "plain_features": plain_features,
+    "stats": stats,
+    "gdig_scores": gdig_scores,
+    "eval_loss": eval_loss,
     "eval_many": jax.jit(jax.vmap(eval_loss, in_axes=(0, None))),
   }
 
@@ -291,10 +301,13 @@ def _chunks(batch: dict[str, np.ndarray], size: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- scores --
 
 
-def scores_for(cfg: cfgs.SelectionConfig, seed: int, data: dict[str, Any]) -> dict[str, Any]:
+def scores_for(
+  cfg: cfgs.SelectionConfig, seed: int, data: dict[str, Any]
+) -> dict[str, Any]:
   """Warm-up on the pool, then every rule's score (higher = keep)."""
   prog = _programs(cfg)
   pool, seed_set = data["pool"], data["seed"]
+  subset.check_same_modality(pool, seed_set)
   n = pool["tokens_BxL"].shape[0]
   seg = cfg.warmup_steps // cfg.checkpoints
   ph = _phase(cfg, cfg.warmup_steps, cfg.warmup_batch, False)
@@ -312,9 +325,11 @@ def scores_for(cfg: cfgs.SelectionConfig, seed: int, data: dict[str, Any]) -> di
     )
     less_tr.append(np.asarray(pre))
     less_va.append(
-      np.asarray(prog["plain_features"](
-        state.params, {k: jnp.asarray(v) for k, v in seed_set.items()}
-      ))
+      np.asarray(
+        prog["plain_features"](
+          state.params, {k: jnp.asarray(v) for k, v in seed_set.items()}
+        )
+      )
     )
     lrs.append(float(ph.schedule(int(state.step) - 1)))
   warm = state.params
@@ -325,6 +340,7 @@ def scores_for(cfg: cfgs.SelectionConfig, seed: int, data: dict[str, Any]) -> di
     "lrs": lrs,
     "warm": warm,
   }
+
   def ngrams(b):
     return subset.byte_ngram_features(
       b["tokens_BxL"], b["tokens_BxL"] != tokenize.PAD_ID
@@ -345,7 +361,9 @@ def scores_for(cfg: cfgs.SelectionConfig, seed: int, data: dict[str, Any]) -> di
     for m, lam in settings
   ]
   parts = [prog["gdig_scores"](warm, b, us) for b in _chunks(pool, 100)]
-  s_all = [np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(len(us))]
+  s_all = [
+    np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(len(us))
+  ]
   out["gdig_quality"] = -s_all[0]  # most negative influence = most helpful
   out["gdig_sweep"] = {
     f"{m}@{lam:g}": -s for (m, lam), s in zip(settings[1:], s_all[1:])
@@ -360,15 +378,21 @@ def _run_segment(ph: _Phase, state, batches):
 # ------------------------------------------------------------- selection --
 
 
-def select(cfg: cfgs.SelectionConfig, seed: int, sc: dict[str, Any], budget: int) -> dict[str, np.ndarray]:
+def select(
+  cfg: cfgs.SelectionConfig, seed: int, sc: dict[str, Any], budget: int
+) -> dict[str, np.ndarray]:
   """Indices chosen by every rule at one budget."""
   n = sc["less"].shape[0]
   out = {"random": subset.random_subset(seed + 7919 * budget, n, budget)}
   for name in ("loss", "classifier", "less", "gdig_quality"):
     out[name] = subset.top_k(sc[name], budget)
   div = subset.quality_diversity_select(
-    sc["gdig_quality"], sc["features"], budget,
-    num_clusters=cfg.num_clusters, keep_factor=cfg.keep_factor, seed=seed,
+    sc["gdig_quality"],
+    sc["features"],
+    budget,
+    num_clusters=cfg.num_clusters,
+    keep_factor=cfg.keep_factor,
+    seed=seed,
     helpful="high",
   )
   out["gdig_diverse"] = div["selected"]
@@ -385,15 +409,17 @@ def _study(cfg: cfgs.SelectionConfig, seed: int) -> dict[str, Any]:
   # Fine-tune the base on every selection (and the whole pool) at once.
   runs = [(m, b) for b in budgets for m in METHODS] + [("full pool", n)]
   rng = np.random.default_rng([seed, 0xF7])
-  idx = np.stack([
-    _schedule_rows(
-      rng,
-      np.arange(n) if m == "full pool" else np.sort(chosen[b][m]),
-      cfg.finetune_steps,
-      cfg.finetune_batch,
-    )
-    for m, b in runs
-  ])
+  idx = np.stack(
+    [
+      _schedule_rows(
+        rng,
+        np.arange(n) if m == "full pool" else np.sort(chosen[b][m]),
+        cfg.finetune_steps,
+        cfg.finetune_batch,
+      )
+      for m, b in runs
+    ]
+  )
   ph = _phase(cfg, cfg.finetune_steps, cfg.finetune_batch, True)
   base = base_params(cfg)
   states, _ = ph.run(ph.init(base), _batches(pool, idx))
@@ -413,7 +439,8 @@ def _study(cfg: cfgs.SelectionConfig, seed: int) -> dict[str, Any]:
     },
     "auroc_target": {m: subset.auroc(sc[m], data["target_N"]) for m in SCORED},
     "sweep_auroc_clean": {
-      k: subset.auroc(v, ~data["corrupted_N"]) for k, v in sc["gdig_sweep"].items()
+      k: subset.auroc(v, ~data["corrupted_N"])
+      for k, v in sc["gdig_sweep"].items()
     },
     "sweep_auroc_target": {
       k: subset.auroc(v, data["target_N"]) for k, v in sc["gdig_sweep"].items()
@@ -439,9 +466,20 @@ def run(cfg: cfgs.SelectionConfig) -> dict[str, Any]:
   per = [_study(cfg, s) for s in cfg.seeds]
   out: dict[str, Any] = {"seeds": list(cfg.seeds), "per_seed": per}
   agg: dict[str, Any] = {}
-  for key in ("base_loss", "warm_loss", "full_pool_loss", "pool_corrupted", "pool_target"):
+  for key in (
+    "base_loss",
+    "warm_loss",
+    "full_pool_loss",
+    "pool_corrupted",
+    "pool_target",
+  ):
     agg[key] = common.mean_ci([p[key] for p in per])
-  for key in ("auroc_clean", "auroc_target", "sweep_auroc_clean", "sweep_auroc_target"):
+  for key in (
+    "auroc_clean",
+    "auroc_target",
+    "sweep_auroc_clean",
+    "sweep_auroc_target",
+  ):
     agg[key] = {
       m: common.mean_ci([p[key][m] for p in per]) for m in per[0][key]
     }
@@ -456,11 +494,15 @@ def run(cfg: cfgs.SelectionConfig) -> dict[str, Any]:
     }
     # paired differences against random (common random numbers: same pool)
     agg["budgets"][b]["vs_random"] = {
-      m: common.mean_ci([
-        p["budgets"][b][m]["target_loss"] - p["budgets"][b]["random"]["target_loss"]
-        for p in per
-      ])
-      for m in METHODS if m != "random"
+      m: common.mean_ci(
+        [
+          p["budgets"][b][m]["target_loss"]
+          - p["budgets"][b]["random"]["target_loss"]
+          for p in per
+        ]
+      )
+      for m in METHODS
+      if m != "random"
     }
   out["summary"] = agg
   return common.r(out)
@@ -474,15 +516,27 @@ def summary(data: dict[str, Any]) -> str:
     for m in METHODS:
       v = per[m]
       d = per["vs_random"].get(m)
-      rows.append([
-        b, m, common.fmt_ci(v["target_loss"], 3),
-        "-" if d is None else common.fmt_ci(d, 3),
-        f"{v['corrupted']['mean']:.2f}", f"{v['target_share']['mean']:.2f}",
-        f"{v['covered']['mean']:.2f}",
-      ])
+      rows.append(
+        [
+          b,
+          m,
+          common.fmt_ci(v["target_loss"], 3),
+          "-" if d is None else common.fmt_ci(d, 3),
+          f"{v['corrupted']['mean']:.2f}",
+          f"{v['target_share']['mean']:.2f}",
+          f"{v['covered']['mean']:.2f}",
+        ]
+      )
   t1 = common.fmt_table(
-    ["budget", "method", "target loss", "minus random", "corrupt",
-     "target", "coverage"],
+    [
+      "budget",
+      "method",
+      "target loss",
+      "minus random",
+      "corrupt",
+      "target",
+      "coverage",
+    ],
     rows,
   )
   rows2 = [
@@ -495,7 +549,20 @@ def summary(data: dict[str, Any]) -> str:
     f"whole pool {common.fmt_ci(s['full_pool_loss'], 3)}; pool corrupted "
     f"{s['pool_corrupted']['mean']:.2f}, target share {s['pool_target']['mean']:.2f}"
   )
-  return t1 + "\n\n" + t2 + "\n\n" + ref
+  sweep = s["sweep_auroc_clean"]
+  rows3 = [
+    [
+      k.split("@")[0],
+      k.split("@")[1],
+      common.fmt_ci(v),
+      common.fmt_ci(s["sweep_auroc_target"][k]),
+    ]
+    for k, v in sweep.items()
+  ]
+  t3 = common.fmt_table(
+    ["G-DIG curvature", "damping", "AUROC clean", "AUROC target"], rows3
+  )
+  return t1 + "\n\n" + t2 + "\n\n" + t3 + "\n\n" + ref
 
 
 def _plot(data):
@@ -504,12 +571,14 @@ def _plot(data):
   return plots.plot_selection(data)
 
 
-register(Published(
-  name="ch5_select",
-  chapter="ch5_influence",
-  run=run,
-  make_config=cfgs.SelectionConfig,
-  config=cfgs.selection,
-  summary=summary,
-  plot=_plot,
-))
+register(
+  Published(
+    name="ch5_select",
+    chapter="ch5_influence",
+    run=run,
+    make_config=cfgs.SelectionConfig,
+    config=cfgs.selection,
+    summary=summary,
+    plot=_plot,
+  )
+)
