@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 COLORS = {
   "hessian": "#1f77b4",
@@ -65,16 +66,19 @@ def plot_loo(data: dict[str, Any]) -> Figure:
         label=LABELS[name] if i == 0 else None,
       )
   ax0.set_xticks(range(len(models)), models)
-  ax0.set(ylabel="Pearson r with leave-one-out", ylim=(0, 1.05))
-  ax0.legend(fontsize=7, loc="lower left")
+  ax0.axhline(0, color="black", lw=0.8)
+  ax0.set(ylabel="Pearson r with leave-one-out", ylim=(-0.15, 1.05))
+  ax0.legend(
+    fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2
+  )
   _style(ax0, f"mean over {len(data['seeds'])} seeds, 95% interval")
   for ax, m in ((ax1, models[0]), (ax2, models[-1])):
     sc = data["models"][m]["scatter"]
-    actual = np.asarray(sc["actual"])
+    actual = 1e3 * np.asarray(sc["actual"])
     for name in ("hessian", "kfac", "ekfac"):
       ax.plot(
         actual,
-        sc[name],
+        1e3 * np.asarray(sc[name]),
         "o",
         ms=3.5,
         alpha=0.75,
@@ -84,7 +88,8 @@ def plot_loo(data: dict[str, Any]) -> Figure:
     lim = (
       np.abs(
         np.concatenate(
-          [actual] + [np.asarray(sc[n]) for n in ("hessian", "kfac", "ekfac")]
+          [actual]
+          + [1e3 * np.asarray(sc[n]) for n in ("hessian", "kfac", "ekfac")]
         )
       ).max()
       * 1.05
@@ -93,10 +98,9 @@ def plot_loo(data: dict[str, Any]) -> Figure:
     ax.set(
       xlim=(-lim, lim),
       ylim=(-lim, lim),
-      xlabel="actual change of test loss (retrained)",
-      ylabel="predicted change  $-s_i/N$",
+      xlabel=r"actual change of test loss, retrained ($\times 10^{-3}$)",
+      ylabel=r"predicted change $-s_i/N$ ($\times 10^{-3}$)",
     )
-    ax.ticklabel_format(style="sci", scilimits=(-2, 2))
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, alpha=0.3)
     ax.set_title(
@@ -134,7 +138,11 @@ def plot_selection(data: dict[str, Any]) -> Figure:
           label=LABELS[m] if i == 0 else None,
         )
     ax.set_xticks(
-      range(len(budgets)), [f"budget {b} of the pool" for b in budgets]
+      range(len(budgets)),
+      [
+        f"budget {int(b) / data['pool_size']:.0%} of the pool ({b} pairs)"
+        for b in budgets
+      ],
     )
     ax.set_ylabel(ylabel)
     _style(ax)
@@ -161,18 +169,18 @@ def plot_selection(data: dict[str, Any]) -> Figure:
     f"fine-tuned on each selection (mean over {len(data['seeds'])} seeds, 95% interval)",
     fontsize=10,
   )
-  axs[0, 1].axhline(
+  pool_line = axs[0, 1].axhline(
     s["pool_corrupted"]["mean"], color="black", ls="--", lw=1, label="pool"
   )
-  axs[0, 1].legend(fontsize=7)
+  axs[0, 1].legend(handles=[pool_line], fontsize=7, loc="upper right")
   axs[0, 1].set_title("corrupted pairs selected", fontsize=10)
 
   ax = axs[1, 0]
   scored = list(s["auroc_clean"])
-  for j, (key, hatch, lab) in enumerate(
+  for j, (key, hatch) in enumerate(
     (
-      ("auroc_clean", None, "clean vs swapped"),
-      ("auroc_target", "//", "target source vs other"),
+      ("auroc_clean", None),
+      ("auroc_target", "//"),
     )
   ):
     for i, m in enumerate(scored):
@@ -186,20 +194,32 @@ def plot_selection(data: dict[str, Any]) -> Figure:
         hatch=hatch,
         edgecolor="white",
         capsize=2,
-        label=lab if i == 0 else None,
       )
+
   ax.axhline(0.5, color="black", lw=0.8, ls="--")
   ax.set_xticks(range(len(scored)), [LABELS[m] for m in scored])
   ax.set(ylabel="AUROC of the score", ylim=(0, 1.02))
-  ax.legend(fontsize=7, loc="lower right")
-  _style(
-    ax,
-    "does the score separate...? (plain bars: clean vs swapped; hatched: target vs other)",
+  ax.legend(
+    handles=[
+      Patch(facecolor="0.5", label="clean vs swapped"),
+      Patch(
+        facecolor="0.5",
+        hatch="//",
+        edgecolor="white",
+        label="target source vs other",
+      ),
+    ],
+    fontsize=7,
+    loc="upper left",
   )
+  _style(ax, "AUROC of each score (0.5 = chance)")
 
   ax = axs[1, 1]
   sweep = s["sweep_auroc_clean"]
-  for method, color in (("kfac", COLORS["kfac"]), ("ekfac", COLORS["ekfac"])):
+  for method, color, marker, ms in (
+    ("kfac", COLORS["kfac"], "o", 7),
+    ("ekfac", COLORS["ekfac"], "x", 6),
+  ):
     keys = [k for k in sweep if k.startswith(method + "@")]
     lam = np.array([float(k.split("@")[1]) for k in keys])
     order = np.argsort(lam)
@@ -215,11 +235,13 @@ def plot_selection(data: dict[str, Any]) -> Figure:
         mean,
         ls,
         color=color,
-        marker="o",
-        ms=4,
+        marker=marker,
+        ms=ms,
+        mfc="none",
         label=f"{LABELS[method]}: {lab}",
       )
-      ax.fill_between(lam[order], lo, hi_, color=color, alpha=0.12)
+      if method == "kfac":
+        ax.fill_between(lam[order], lo, hi_, color="0.5", alpha=0.15)
   ax.axhline(0.5, color="black", lw=0.8, ls=":")
   ax.set(
     xscale="log",
@@ -229,5 +251,9 @@ def plot_selection(data: dict[str, Any]) -> Figure:
   )
   ax.legend(fontsize=7)
   ax.grid(True, alpha=0.3)
-  ax.set_title("G-DIG quality score against the damping", fontsize=10)
+  ax.set_title(
+    "G-DIG's score against the damping (K-FAC and EK-FAC coincide; "
+    "band: K-FAC's 95% interval)",
+    fontsize=10,
+  )
   return fig

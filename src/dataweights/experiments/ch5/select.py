@@ -464,7 +464,11 @@ def _study(cfg: cfgs.SelectionConfig, seed: int) -> dict[str, Any]:
 def run(cfg: cfgs.SelectionConfig) -> dict[str, Any]:
   """Every seed's study and the across-seed means with t-intervals."""
   per = [_study(cfg, s) for s in cfg.seeds]
-  out: dict[str, Any] = {"seeds": list(cfg.seeds), "per_seed": per}
+  out: dict[str, Any] = {
+    "seeds": list(cfg.seeds),
+    "pool_size": len(cfg.sources) * cfg.pool_per_source,
+    "per_seed": per,
+  }
   agg: dict[str, Any] = {}
   for key in (
     "base_loss",
