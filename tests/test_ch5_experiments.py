@@ -48,6 +48,15 @@ def test_bootstrap_corr_brackets_the_sample_correlation():
   assert common.bootstrap_corr(x, y, 500, seed=1) == [lo, hi]
 
 
+def test_config_name_lists_agree_with_the_library():
+  # configs sit below data and methods, so they keep their own copies
+  from dataweights.data.sources.instructions import SOURCE_NAMES
+  from dataweights.methods import kfac
+
+  assert cfgs.INSTRUCTION_SOURCES == SOURCE_NAMES
+  assert cfgs.KFAC_METHODS == kfac.METHODS
+
+
 def test_configs_check_their_fields():
   with pytest.raises(ConfigError, match="unknown source 'poetry'"):
     cfgs.selection("smoke", sources=("chat", "poetry"))

@@ -21,7 +21,22 @@ from dataweights.configs.base import (
   check_profile,
   from_profile,
 )
-from dataweights.methods.kfac import METHODS as KFAC_METHODS
+
+KFAC_METHODS: tuple[str, ...] = ("kfac", "kfac_factored", "ekfac")
+"""Inverse-curvature products of methods.kfac (configs sit below methods;
+tests/test_ch5_experiments.py checks that the two lists agree)."""
+INSTRUCTION_SOURCES: tuple[str, ...] = (
+  "chat",
+  "multilingual",
+  "dialogue",
+  "glossary",
+  "scripture",
+  "fiction",
+  "encyclopaedic",
+  "news",
+)
+"""The instruction-style sources of data.sources.instructions (checked equal
+by tests/test_ch5_experiments.py)."""
 
 
 def _check_seeds(cfg: Any, name: str = "seeds", minimum: int = 1) -> None:
@@ -180,15 +195,13 @@ class SelectionConfig:
   classifier_steps: int = 300  # the byte n-gram classifier baseline
 
   def __post_init__(self):
-    from dataweights.data.sources.instructions import SOURCE_NAMES
-
     check_profile(self.profile)
     _check_seeds(self)
     for name in self.sources:
-      if name not in SOURCE_NAMES:
+      if name not in INSTRUCTION_SOURCES:
         raise ConfigError(
           f"SelectionConfig.sources has unknown source {name!r}; known "
-          "sources are " + ", ".join(SOURCE_NAMES)
+          "sources are " + ", ".join(INSTRUCTION_SOURCES)
         )
     if len(set(self.sources)) != len(self.sources) or len(self.sources) < 2:
       raise ConfigError(
