@@ -36,6 +36,25 @@ LABELS = {
 }
 
 
+# Fixed orders: a published JSON's keys come back sorted.
+ESTIMATOR_ORDER = ("hessian", "fisher", "kfac", "kfac_factored", "ekfac")
+METHOD_ORDER = (
+  "random",
+  "loss",
+  "classifier",
+  "less",
+  "gdig_quality",
+  "gdig_diverse",
+)
+
+
+def _ordered(keys: Any, order: tuple[str, ...]) -> list[str]:
+  """``keys`` in ``order`` (unknown keys last, sorted; ``vs_random`` out)."""
+  keys = [k for k in keys if k != "vs_random"]
+  known = [k for k in order if k in keys]
+  return known + sorted(k for k in keys if k not in order)
+
+
 def _style(ax, title: str | None = None) -> None:
   ax.grid(True, axis="y", alpha=0.3)
   if title:
@@ -48,8 +67,8 @@ def _err(s: dict[str, float]) -> tuple[float, list[float]]:
 
 def plot_loo(data: dict[str, Any]) -> Figure:
   """Correlation with leave-one-out per curvature; two scatter panels."""
-  models = list(data["models"])
-  names = list(data["models"][models[0]]["summary"])
+  models = _ordered(data["models"], ("logistic", "mlp"))
+  names = _ordered(data["models"][models[0]]["summary"], ESTIMATOR_ORDER)
   fig = Figure(figsize=(13, 4.0), layout="constrained")
   ax0, ax1, ax2 = fig.subplots(1, 3)
   width = 0.8 / len(names)
@@ -112,8 +131,8 @@ def plot_loo(data: dict[str, Any]) -> Figure:
 def plot_selection(data: dict[str, Any]) -> Figure:
   """Target loss, corrupted share, AUROCs and G-DIG's damping sweep."""
   s = data["summary"]
-  budgets = list(s["budgets"])
-  methods = [m for m in s["budgets"][budgets[0]] if m != "vs_random"]
+  budgets = sorted(s["budgets"], key=int)
+  methods = _ordered(s["budgets"][budgets[0]], METHOD_ORDER)
   fig = Figure(figsize=(14, 7.6), layout="constrained")
   axs = fig.subplots(2, 2)
   width = 0.8 / len(methods)
@@ -176,7 +195,7 @@ def plot_selection(data: dict[str, Any]) -> Figure:
   axs[0, 1].set_title("corrupted pairs selected", fontsize=10)
 
   ax = axs[1, 0]
-  scored = list(s["auroc_clean"])
+  scored = _ordered(s["auroc_clean"], METHOD_ORDER)
   for j, (key, hatch) in enumerate(
     (
       ("auroc_clean", None),

@@ -516,7 +516,8 @@ def summary(data: dict[str, Any]) -> str:
   """Target loss, corrupted and target shares, coverage; AUROCs."""
   s = data["summary"]
   rows = []
-  for b, per in s["budgets"].items():
+  for b in sorted(s["budgets"], key=int):
+    per = s["budgets"][b]
     for m in METHODS:
       v = per[m]
       d = per["vs_random"].get(m)
@@ -561,7 +562,13 @@ def summary(data: dict[str, Any]) -> str:
       common.fmt_ci(v),
       common.fmt_ci(s["sweep_auroc_target"][k]),
     ]
-    for k, v in sweep.items()
+    for k, v in sorted(
+      sweep.items(),
+      key=lambda kv: (
+        cfgs.KFAC_METHODS.index(kv[0].split("@")[0]),
+        float(kv[0].split("@")[1]),
+      ),
+    )
   ]
   t3 = common.fmt_table(
     ["G-DIG curvature", "damping", "AUROC clean", "AUROC target"], rows3
