@@ -64,9 +64,20 @@ def test_auto_for_a_matrix_vector_step():
   assert choice.mode == "reverse", choice
   # residuals: a few K x M vectors, far below the intensity threshold
   assert choice.residual_bytes < 0.02 * choice.step_flops
-  # reading the data dominates: two forward directions share each read
+  # reading the data dominates: the forward directions share each read
   assert choice.step_flops < 4 * choice.data_bytes
+  assert choice.time_steps["forward"] == pytest.approx(1 + 0.45 * 4)
   assert _choose(*_logistic(K=2), K=2, T=100).mode == "forward"
+
+
+@pytest.mark.parametrize("make", [_mlp, _logistic])
+@pytest.mark.parametrize("K", [2, 8])
+def test_auto_single_step_is_reverse(make, K):
+  # theta_0 does not depend on w: one backward pass w.r.t. w, no HVP
+  choice = _choose(*make(K=K), K=K, T=1)
+  assert choice.mode == "reverse", choice
+  assert choice.time_steps["reverse"] < choice.time_steps["reverse_remat"]
+  assert choice.time_steps["reverse"] < choice.time_steps["forward"]
 
 
 def test_auto_picks_remat_when_residuals_dominate():

@@ -440,6 +440,10 @@ DATA_BOUND_FLOPS_PER_BYTE = 4.0
 FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.45
 REVERSE_STEPS = 2.0
 REMAT_STEPS = 3.0
+# With a single inner step θ_0 does not depend on w: reverse mode's sweep is
+# the backward pass of one step with respect to w alone, with no Hessian
+# product on the θ path, and there is nothing to rematerialise.
+REVERSE_STEPS_SINGLE = 1.0
 # Above this many stored residual bytes per FLOP of the inner step, and once
 # the T steps' residuals outgrow the cache, reverse mode is bound by writing
 # and re-reading them: its time is charged
@@ -522,23 +526,26 @@ def choose_hypergrad_mode(
   mode stores per inner step beyond ``θ_t`` (traced, not run), ``F`` the
   FLOPs of one inner step (XLA's count of the lowered step), K domains:
 
-  ================  ==========================  ==================
-  mode              time (inner steps per step)  memory
-  ================  ==========================  ==================
+  ================  ============================  ==================
+  mode              time (inner steps per step)   memory
+  ================  ============================  ==================
   forward           ``1 + 1.5 K``; ``1 + 0.45 K``  ``(K + 2) P + R``
                     if ``F`` < 4 x data bytes
-  reverse           ``2``, or ``2 ρ / ρ*`` if   ``T (P + R) + P``
+  reverse           ``2``, or ``2 ρ / ρ*`` if     ``T (P + R) + P``
                     ``ρ = R / F > ρ* = 0.02``
-                    and ``T (P + R) > 1 MiB``
-  reverse_remat     ``3``                       ``T P + R + P``
-  ================  ==========================  ==================
+                    and ``T (P + R) > 1 MiB``;
+                    ``1`` if ``T = 1``
+  reverse_remat     ``3``; ``2`` if ``T = 1``     ``T P + R + P``
+  ================  ============================  ==================
 
   Reverse mode is memory-bound when it stores more than ``ρ*`` bytes per
   FLOP and its residuals outgrow the cache (then recomputing the step is
   cheaper than storing it). Forward mode's K directions are vmapped: when
   the step does fewer than 4 FLOPs per byte of data it reads (its
   closed-over constants and minibatch), they share each read of the data
-  and cost 0.45 steps each, not 1.5. Among the
+  and cost 0.45 steps each, not 1.5. With ``T = 1``, ``θ_0`` does not
+  depend on ``w``: reverse mode differentiates one step with respect to
+  ``w`` alone (no Hessian product), so it wins for any K. Among the
   modes whose memory fits ``memory_budget_bytes`` the fastest wins, ties to
   the smaller memory; if none fits, the smallest memory wins. The constants
   are fitted to ``benchmarks/bench_mixing.py`` (tanh MLP, logistic
@@ -548,7 +555,8 @@ def choose_hypergrad_mode(
   reverse mode; a budget below ``T P`` forces forward mode; a step that
   stores many activations per FLOP (an MLP on many examples) gives
   ``reverse_remat``; a matrix-vector step (logistic regression) gives
-  ``reverse`` for ``K >= 3`` and ``forward`` for ``K <= 2``.
+  ``reverse`` for ``K >= 3`` and ``forward`` for ``K <= 2``; a single
+  step gives ``reverse``.
 
   Args:
     problem: the bilevel problem.
@@ -613,10 +621,14 @@ def choose_hypergrad_mode(
   stored = T * (P + r)
   if rho is not None and rho > RESIDUAL_BYTES_PER_FLOP and stored > CACHE_BYTES:
     t_rev = REVERSE_STEPS * rho / RESIDUAL_BYTES_PER_FLOP
+  t_remat = REMAT_STEPS
+  if T == 1:
+    t_rev = REVERSE_STEPS_SINGLE
+    t_remat = REVERSE_STEPS_SINGLE + (REMAT_STEPS - REVERSE_STEPS)
   time_steps = {
     "forward": 1 + per_direction * K,
     "reverse": t_rev,
-    "reverse_remat": REMAT_STEPS,
+    "reverse_remat": t_remat,
   }
   memory = {
     "forward": (K + 2) * P + r,
