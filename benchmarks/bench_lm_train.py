@@ -28,8 +28,25 @@ At the ``book`` profile's LM shape (4 layers, D=128, F=512, L=128, V=264,
 * **Checkpoints**: time to save (synchronously, to disk) and restore the
   whole train state, and its size.
 
+* **Against peers** (``--compare``, on by default): the project's step
+  and its options (no residual-gradient barrier, each remat policy, scan
+  over layers) against a plain Flax linen GPT-2 written for the benchmark
+  (``peers/linen_gpt2.py``) and, with ``--maxtext-python``, MaxText's own
+  step run by ``peers/maxtext_worker.py`` in MaxText's venv; interleaved
+  rounds, paired per-round ratios (``lm_compare.compare_steps``), each
+  step's compiled memory. MFU here uses the median step and the median
+  peak of the same rounds.
+* **Depth sweep** (``--depths``): compile time, forward and
+  forward+backward time, backward/forward and the largest fusion's input
+  count for 2..12 layers, unrolled and scanned.
+* **Per-op profile** (``--profile-ops``): where forward+backward spends
+  its time, by XLA instruction and category (``op_profile.py``), for the
+  project and for the model without the barrier.
+
   python benchmarks/bench_lm_train.py --out bench-results/lm_train.json
   python benchmarks/bench_lm_train.py --quick     # seconds, smoke shape
+  python benchmarks/bench_lm_train.py --rounds 15 --depths 2 4 6 8 10 12 \
+    --profile-ops --maxtext-python .venv-maxtext/bin/python
 
 The timings are noisy on a shared machine: report best-of-k, and say so.
 """
@@ -37,6 +54,7 @@ The timings are noisy on a shared machine: report best-of-k, and say so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -46,6 +64,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import lm_compare  # noqa: E402 -- benchmarks/ is on sys.path when run
 import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
@@ -313,6 +332,30 @@ def run(profile: str, steps: int, repeats: int, peak_n: int) -> dict:
   }
 
 
+def goals(out: dict) -> dict:
+  """The issue's targets, evaluated on this run's numbers (None: not run)."""
+  g = {}
+  cmp = out.get("compare")
+  if cmp:
+    v = cmp["variants"]
+    g["mfu_median_ge_0.40"] = cmp["mfu_median"] >= 0.40
+    for peer in ("linen", "maxtext", "maxtext_unrolled_minimal"):
+      if peer in v:
+        r = v[peer]["project_step_over_this_paired"]["median"]
+        g[f"project_over_{peer}_paired_median_le_0.9"] = r <= 0.9
+      else:
+        g[f"project_over_{peer}_paired_median_le_0.9"] = None
+  rows = out.get("depth_sweep")
+  if rows:
+    worst = max(
+      r["variants"]["unrolled"]["backward_over_forward_paired_median"]
+      for r in rows
+    )
+    g["backward_over_forward_le_2.5_every_depth_unrolled"] = worst <= 2.5
+    g["worst_backward_over_forward_unrolled"] = worst
+  return g
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -326,6 +369,21 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=5, help="rounds (best-of)")
   ap.add_argument("--peak-n", type=int, default=2048)
   ap.add_argument(
+    "--rounds", type=int, default=10, help="interleaved rounds (--compare)"
+  )
+  ap.add_argument(
+    "--no-compare", action="store_true", help="skip the peer comparison"
+  )
+  ap.add_argument(
+    "--depths", type=int, nargs="*", default=[], help="depth sweep layers"
+  )
+  ap.add_argument("--profile-ops", action="store_true")
+  ap.add_argument(
+    "--maxtext-python",
+    default=None,
+    help="python of MaxText's own venv (peers/setup_maxtext.sh)",
+  )
+  ap.add_argument(
     "--note",
     default="",
     help="free text stored in the JSON (e.g. 'machine shared')",
@@ -334,7 +392,67 @@ def main() -> None:
   if args.quick:
     args.profile, args.steps, args.repeats, args.peak_n = "smoke", 2, 2, 512
   t0 = time.perf_counter()
+  load_start = os.getloadavg()
   out = run(args.profile, args.steps, args.repeats, args.peak_n)
+  model_cfg = lm.lm_model(args.profile)
+  batch_size = train_configs.train(args.profile, progress=False).batch_size
+  if not args.no_compare:
+    print("comparing steps (interleaved rounds) ...", flush=True)
+    variants = {
+      "no_barrier": {"grad_barrier": False},
+      "scan": {"scan_layers": True},
+    }
+    for policy in lm.REMAT_POLICIES:
+      if policy != model_cfg.remat:
+        variants[f"remat_{policy}"] = {"remat": policy}
+    cmp = lm_compare.compare_steps(
+      model_cfg,
+      batch_size,
+      args.rounds,
+      args.steps,
+      variants,
+      args.peak_n,
+      args.maxtext_python,
+      {
+        "maxtext": {},  # its defaults: scanned layers, full remat
+        "maxtext_unrolled_minimal": {
+          "scan_layers": False,
+          "remat_policy": "minimal",
+        },
+      },
+    )
+    proj = cmp["variants"]["project"]
+    flops = out["model_flops_per_step"]
+    cmp["mfu_median"] = (
+      flops
+      / proj["step_s"]["median"]
+      / (cmp["peak_matmul"]["gflops_median"] * 1e9)
+    )
+    cmp["mfu_best"] = (
+      flops / proj["step_s"]["min"] / (cmp["peak_matmul"]["gflops_best"] * 1e9)
+    )
+    out["compare"] = cmp
+  if not args.no_compare:
+    out["matmul_layouts"] = lm_compare.matmul_layouts(args.rounds)
+  if args.depths:
+    print("depth sweep ...", flush=True)
+    out["depth_sweep"] = lm_compare.depth_sweep(
+      model_cfg, batch_size, args.depths, max(3, args.rounds // 2)
+    )
+  if args.profile_ops:
+    print("per-op profiles ...", flush=True)
+    prof = {}
+    for name, over in (
+      ("project", {}),
+      ("no_barrier", {"grad_barrier": False}),
+    ):
+      _, x = lm_compare.project_step(
+        dataclasses.replace(model_cfg, **over), batch_size
+      )
+      prof[name] = (x["grad"], x["params"])
+    out["op_profile"] = lm_compare.op_profiles(prof, calls=20)
+  out["goals"] = goals(out)
+  out["load_average"] = {"start": load_start, "end": os.getloadavg()}
   out["note"] = args.note
   out["cpu_count"] = os.cpu_count()
   out["provenance"] = results.provenance(args.profile, time.perf_counter() - t0)
@@ -356,6 +474,26 @@ def main() -> None:
     f"{out['checkpoint']['restore_s_best'] * 1e3:.0f} ms "
     f"({out['checkpoint']['bytes_on_disk'] / 1e6:.1f} MB) -> {path}"
   )
+  if "compare" in out:
+    cmp = out["compare"]
+    print(
+      f"peak {cmp['peak_matmul']['gflops_median']:.0f} GFLOP/s (median), "
+      f"MFU {cmp['mfu_median']:.1%} (median step / median peak)"
+    )
+    for n, v in cmp["variants"].items():
+      print(
+        f"  {n:22s} step {v['step_s']['min'] * 1e3:6.1f} / "
+        f"{v['step_s']['median'] * 1e3:6.1f} ms (min/median) fwd "
+        f"{v['forward_s']['median'] * 1e3:5.1f} ms bwd/fwd "
+        f"{v['backward_over_forward_median']:.2f} project/this "
+        f"{v['project_step_over_this_paired']['median']:.3f}"
+        + (
+          f" temp {v['memory']['temp_bytes'] / 1e6:.1f} MB"
+          if v.get("memory")
+          else ""
+        )
+      )
+  print("goals:", out["goals"])
 
 
 if __name__ == "__main__":

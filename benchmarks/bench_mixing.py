@@ -8,7 +8,10 @@ run, for T in {1, 10, 100, 1000} and K (= m domains) in {2, 4, 8}:
 * **forward**: ``bilevel.hypergrad_forward`` (K JVP directions through the
   scan: carries θ and Z_K, memory independent of T);
 * **reverse**: ``bilevel.hypergrad_reverse`` (backprop through the scan);
-* **reverse_remat**: the same with ``jax.checkpoint`` on each inner step.
+* **reverse_remat**: the same with ``jax.checkpoint`` on each inner step;
+* **auto**: ``bilevel.hypergrad(mode="auto")``, the mode chosen by the
+  cost model of ``bilevel.choose_hypergrad_mode``; floor 3 compares the
+  chosen mode's time with the fastest mode's in each cell.
 
 Each is jitted and compiled once (``jax.jit(f).lower(...).compile()``)
 and timed after compilation, the modes alternating within each repeat so
@@ -37,7 +40,8 @@ Floors (task brief):
    (T >= 2; a length-1 scan is compiled with a smaller fixed buffer set,
    so T = 1 is reported but not compared). The JSON also gives each mode's
    extra bytes per extra inner step;
-2. for K <= 4 and T >= 100 forward is no slower than reverse (min time).
+2. for K <= 4 and T >= 100 forward is no slower than reverse (min time);
+3. auto is within 10% of the fastest mode in every cell.
 
 What to expect: forward mode does K Hessian-vector products per inner
 step, reverse mode about one, so on FLOPs forward loses once K >= 2; it
@@ -170,6 +174,11 @@ def _modes(problem, T):
     "reverse_remat": lambda p, w: bilevel.hypergrad_reverse(
       problem, p, w, lr=LR, T=T, remat=True
     ),
+    # chosen at trace time by the cost model: the same program as the
+    # chosen mode's
+    "auto": lambda p, w: bilevel.hypergrad(
+      problem, p, w, lr=LR, T=T, mode="auto"
+    ),
   }
 
 
@@ -250,7 +259,25 @@ def bench_cell(name: str, K: int, T: int, repeats: int, min_s: float) -> dict:
     m["wall_ratio_to_plain"] = (
       m["wall_min_s"] / cell["modes"]["plain"]["wall_min_s"]
     )
+  choice = bilevel.choose_hypergrad_mode(problem, params, w_K, lr=LR, T=T)
+  modes = ("forward", "reverse", "reverse_remat")
+  fastest = min(modes, key=lambda n: cell["modes"][n][TIME_KEY])
+  best = cell["modes"][fastest][TIME_KEY]
+  cell["auto"] = {
+    "mode": choice.mode,
+    "reason": choice.reason,
+    "estimated_time_steps": choice.time_steps,
+    "estimated_memory_bytes": choice.memory_bytes,
+    "residual_bytes_per_step": choice.residual_bytes,
+    "step_flops": choice.step_flops,
+    "fastest_mode": fastest,
+    "chosen_over_fastest": cell["modes"][choice.mode][TIME_KEY] / best,
+    "auto_measured_over_fastest": cell["modes"]["auto"][TIME_KEY] / best,
+  }
   h_f, h_r = np.asarray(outs["forward"][0]), np.asarray(outs["reverse"][0])
+  cell["max_abs_auto_minus_reverse"] = float(
+    np.max(np.abs(np.asarray(outs["auto"][0]) - h_r))
+  )
   cell["max_abs_forward_minus_reverse"] = float(np.max(np.abs(h_f - h_r)))
   cell["max_abs_h"] = float(np.max(np.abs(h_r)))
   return cell
@@ -307,13 +334,36 @@ def _all_ok(rows: list[dict]) -> bool | None:
   return None if not oks or None in oks else all(oks)
 
 
+def _auto_floor(cells: list[dict]) -> list[dict]:
+  return [
+    {
+      "K": c["K"],
+      "T": c["T"],
+      "auto_mode": c["auto"]["mode"],
+      "fastest_mode": c["auto"]["fastest_mode"],
+      "chosen_over_fastest": c["auto"]["chosen_over_fastest"],
+      "auto_measured_over_fastest": c["auto"]["auto_measured_over_fastest"],
+      "ok": c["auto"]["chosen_over_fastest"] <= 1.10,
+    }
+    for c in cells
+  ]
+
+
 def floors(cells: list[dict]) -> dict:
-  """The two floors of the brief, per problem, from the measured cells."""
+  """The floors of the briefs, per problem, from the measured cells."""
   out = {}
   for name in sorted({c["problem"] for c in cells}):
     mine = [c for c in cells if c["problem"] == name]
     mem, speed = _memory_floor(mine), _speed_floor(mine)
+    auto = _auto_floor(mine)
     out[name] = {
+      "auto_within_10pct_of_fastest": {
+        "ok": _all_ok(auto),
+        "rule": f"{TIME_KEY}(mode auto chose) <= 1.10 x {TIME_KEY}(fastest "
+        "of forward, reverse, reverse_remat); the auto program is the "
+        "chosen mode's (its own measured ratio is reported too)",
+        "rows": auto,
+      },
       "forward_memory_flat_in_T": {
         "ok": _all_ok(mem),
         "rule": "forward temp bytes at the largest T <= 1.01 x those at "
@@ -379,7 +429,8 @@ def main() -> None:
             f"{n} x{m[n]['ratio_to_plain']:6.2f}"
             for n in ("forward", "reverse", "reverse_remat")
           )
-          + "  temp KiB "
+          + f"  auto={c['auto']['mode']} x{c['auto']['chosen_over_fastest']:.2f}"
+          + " of fastest  temp KiB "
           + " ".join(
             f"{n[:3]}={(m[n]['memory'] or {}).get('temp_bytes', -1) / 1024:.0f}"
             for n in ("forward", "reverse", "reverse_remat")

@@ -48,3 +48,15 @@ def xla_cache(tmp_path_factory):
   yield
   for k, v in old.items():
     jax.config.update(k, v)
+
+
+# Property-based tests (hypothesis): no example database (no .hypothesis/
+# folder) and no deadline (timings on a shared machine are noise). The
+# test_props_* files derandomize their own settings (tests/props.py), so CI
+# runs the same cases every time; HYPOTHESIS_PROFILE=explore draws new
+# random cases, 10x as many.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("dataweights", database=None, deadline=None)
+settings.register_profile("explore", database=None, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dataweights"))

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from dataweights import sharding
 from dataweights.configs import lm
 from dataweights.configs.base import ConfigError
+from dataweights.models import transformer as tr
 from dataweights.models.transformer import Transformer
 
 CFG = lm.lm_model(
@@ -128,7 +129,7 @@ def test_bad_mesh_configs(fields, match):
 
 def test_check_divisible_batch_and_model():
   mesh = _mesh(2, 2, 2)
-  sharding.check_divisible(mesh, batch_size=8, model_cfg=CFG)
+  sharding.check_divisible(mesh, batch_size=8, state=tr.abstract_model(CFG))
   with pytest.raises(
     ConfigError, match=r"batch size 6 is not divisible by the 4 batch shards"
   ):
@@ -139,16 +140,16 @@ def test_check_divisible_batch_and_model():
     match=r"blocks/0/attn/key/bias of shape \(4, 8\): dimension 0 \(size 4\) "
     r"is not divisible by mesh axes model of total size 8",
   ):
-    sharding.check_divisible(_mesh(1, 1, 8), model_cfg=CFG)
+    sharding.check_divisible(_mesh(1, 1, 8), state=tr.abstract_model(CFG))
   # d_model = 36 does not split over fsdp = 8
   bad = lm.lm_model("smoke", d_model=36, num_heads=4)
   with pytest.raises(
     ConfigError, match=r"of shape \(36, 4, 9\): dimension 0 \(size 36\)"
   ):
-    sharding.check_divisible(_mesh(1, 8, 1), model_cfg=bad)
+    sharding.check_divisible(_mesh(1, 8, 1), state=tr.abstract_model(bad))
   # replicated rules accept any model
   sharding.check_divisible(
-    _mesh(1, 8, 1), model_cfg=bad, rules=sharding.REPLICATED_RULES
+    _mesh(1, 8, 1), state=tr.abstract_model(bad), rules=sharding.REPLICATED_RULES
   )
 
 

@@ -16,7 +16,7 @@ Typical use (single host or multi-host alike)::
   from dataweights import sharding
   mesh = sharding.make_mesh(lm.mesh("book"))
   cfg = lm.lm_model("book")
-  sharding.check_divisible(mesh, batch_size=32, model_cfg=cfg)
+  sharding.check_divisible(mesh, batch_size=32, state=abstract_model(cfg))
   model = sharding.create_sharded(
     lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
   tokens_BxL = sharding.shard_batch(tokens_BxL, mesh)
@@ -182,7 +182,6 @@ def check_divisible(
   mesh: Mesh,
   *,
   batch_size: int | None = None,
-  model_cfg: Any = None,
   state: Any = None,
   rules: Rules = RULES,
 ) -> None:
@@ -191,11 +190,10 @@ def check_divisible(
   Args:
     mesh: the device mesh.
     batch_size: global batch size; must divide by ``data * fsdp``.
-    model_cfg: a :class:`~dataweights.configs.lm.ModelConfig`; the
-      transformer's parameter shapes are derived from it (nothing is
-      allocated).
-    state: alternatively, any (abstract) model or ``nnx.State`` whose
-      parameters are checked against their partition specs.
+    state: any (abstract) model or ``nnx.State`` whose parameters are
+      checked against their partition specs, e.g.
+      :func:`dataweights.models.transformer.abstract_model` (shapes only,
+      nothing allocated). This module does not import the models.
     rules: logical-to-mesh rules.
 
   Raises:
@@ -208,10 +206,6 @@ def check_divisible(
         f"batch size {batch_size} is not divisible by the {n} batch shards "
         f"of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
       )
-  if model_cfg is not None and state is None:
-    from dataweights.models.transformer import Transformer  # noqa: PLC0415
-
-    state = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   if state is None:
     return
   if isinstance(state, nnx.Module):

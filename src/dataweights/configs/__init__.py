@@ -3,7 +3,7 @@
 One module per area, each with factories ``name(profile="book", **overrides)``:
 
   configs.mixing   Chapter 1 experiments (data mixing over a horizon T)
-  configs.data     offline data sets
+  configs.data     offline data sets and the text pipeline's shapes
   configs.lm       language-model shapes and device meshes
   configs.train    optimisers, schedules, checkpoints
   configs.run      a language-model run: model + pipeline + train + mesh,

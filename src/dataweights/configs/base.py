@@ -56,14 +56,28 @@ def check_int(cfg: Any, *names: str, minimum: int = 1) -> None:
 
 
 def check_choice(cfg: Any, name: str, allowed: Iterable[Any]) -> None:
-  """Raises if field ``name`` is not one of ``allowed``."""
+  """Raises if field ``name`` is not one of ``allowed``.
+
+  The comparison is type-strict: ``0`` is not ``False`` and ``1`` is not
+  ``True`` (a plain ``in`` would accept them).
+  """
   allowed = tuple(allowed)
   value = getattr(cfg, name)
-  if value not in allowed:
+  if not any(isinstance(value, type(a)) and value == a for a in allowed):
     raise ConfigError(
       f"{type(cfg).__name__}.{name} = {value!r} is invalid; allowed values are "
       + ", ".join(repr(a) for a in allowed)
     )
+
+
+def check_optional_str(cfg: Any, *names: str) -> None:
+  """Raises if any named field is neither a ``str`` nor ``None``."""
+  for name in names:
+    value = getattr(cfg, name)
+    if value is not None and not isinstance(value, str):
+      raise ConfigError(
+        f"{type(cfg).__name__}.{name} = {value!r} is invalid; it must be a str or None"
+      )
 
 
 def check_in_range(cfg: Any, name: str, low: float, high: float) -> None:

@@ -13,10 +13,12 @@ manifest and ``prepare`` rebuilds on a mismatch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from dataweights.configs.base import (
   ConfigError,
+  check_choice,
   check_in_range,
   check_int,
   check_profile,
@@ -74,7 +76,13 @@ class DataConfig:
     if (
       not isinstance(fr, tuple)
       or len(fr) != 3
-      or min(fr) <= 0
+      or not all(
+        isinstance(f, (int, float))
+        and not isinstance(f, bool)
+        and math.isfinite(f)
+        and f > 0
+        for f in fr
+      )
       or abs(sum(fr) - 1) > 1e-9
     ):
       raise ConfigError(
@@ -133,3 +141,75 @@ PRESETS: dict[str, dict[str, Any]] = {
 def data(profile: str = "book", **overrides: Any) -> DataConfig:
   """The :class:`DataConfig` preset for ``profile`` with ``overrides``."""
   return from_profile(DataConfig, PRESETS, profile, overrides)
+
+
+# --- the text pipeline: shapes and seeds of the batches ---------------------
+
+PACKINGS: tuple[str, ...] = ("pack", "pad")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PipelineConfig:
+  """Shapes and seeds of the text pipeline.
+
+  Attributes:
+    profile: the preset this config came from (smoke | book | paper).
+    seq_len: L, tokens per row: the model context plus one (the step reads
+      ``tokens_BxL[:, :-1]`` and predicts ``tokens_BxL[:, 1:]``).
+    batch_size: B, rows per training step.
+    downsampling: the online-filtering big batch has ``G = B * downsampling``
+      generic rows per step, scored and filtered down to B.
+    specific_batch_size: rows of the specific (target) batch per step.
+    packing: ``"pack"`` (fill rows with consecutive documents) or ``"pad"``
+      (one document piece per row, right-padded).
+    seed: seed of the domain draws and of the per-epoch permutations.
+  """
+
+  profile: str = "book"
+  seq_len: int = 129
+  batch_size: int = 16
+  downsampling: int = 8
+  specific_batch_size: int = 16
+  packing: str = "pack"
+  seed: int = 0
+
+  def __post_init__(self):
+    check_profile(self.profile)
+    check_int(self, "seq_len", minimum=2)
+    check_int(self, "batch_size", "downsampling", "specific_batch_size")
+    check_int(self, "seed", minimum=0)
+    check_choice(self, "packing", PACKINGS)
+
+  @property
+  def generic_batch_size(self) -> int:
+    """G = B * downsampling: rows of the online-filtering big batch."""
+    return self.batch_size * self.downsampling
+
+  def to_dict(self) -> dict[str, Any]:
+    """The fields as a JSON-able dict."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# seq_len = the LM's max_len + 1 (configs/lm.py: 32, 128, 256); batch sizes
+# follow configs/train.py; paper: Grangier et al. (batch 128, length 256,
+# downsampling 32).
+PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
+  "smoke": dict(
+    seq_len=33, batch_size=4, downsampling=4, specific_batch_size=4
+  ),
+  "book": dict(
+    seq_len=129, batch_size=16, downsampling=8, specific_batch_size=16
+  ),
+  "paper": dict(
+    seq_len=257, batch_size=128, downsampling=32, specific_batch_size=128
+  ),
+}
+
+
+def pipeline(profile: str = "book", **overrides: Any) -> PipelineConfig:
+  """The pipeline config for ``profile`` with ``overrides`` applied.
+
+  Raises:
+    ConfigError: unknown profile, unknown field or invalid value.
+  """
+  return from_profile(PipelineConfig, PIPELINE_PRESETS, profile, overrides)

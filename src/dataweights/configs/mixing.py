@@ -9,6 +9,7 @@ budgets, more seeds; meant for a GPU).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from dataweights.configs.base import (
@@ -130,8 +131,11 @@ class HorizonMinibatchConfig:
     check_positive(self, "l2", allow_zero=True)
     check_positive(self, "lr", "beta")
     check_in_range(self, "level", 0.5, 0.999)
-    if len(self.pool_sizes) != 3 or any(
-      not isinstance(n, int) or n < 1 for n in self.pool_sizes
+    pools = self.pool_sizes
+    if (
+      not isinstance(pools, tuple)
+      or len(pools) != 3
+      or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in pools)
     ):
       raise ConfigError(
         f"HorizonMinibatchConfig.pool_sizes = {self.pool_sizes!r} is invalid; "
@@ -141,9 +145,23 @@ class HorizonMinibatchConfig:
 
 def _check_t_max(cfg: Any, name: str) -> None:
   value = getattr(cfg, name)
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 2:
+  if (not isinstance(value, (int, float)) or isinstance(value, bool)
+      or not math.isfinite(value) or not value >= 2):
     raise ConfigError(
-      f"{type(cfg).__name__}.{name} = {value!r} is invalid; it must be a number >= 2")
+      f"{type(cfg).__name__}.{name} = {value!r} is invalid; it must be a finite number >= 2")
+
+
+def _check_positive_tuple(cfg: Any, name: str) -> None:
+  """Raises unless ``name`` is a non-empty tuple of finite numbers > 0."""
+  value = getattr(cfg, name)
+  ok = isinstance(value, tuple) and len(value) > 0 and all(
+    isinstance(v, (int, float)) and not isinstance(v, bool)
+    and math.isfinite(v) and v > 0
+    for v in value)
+  if not ok:
+    raise ConfigError(
+      f"{type(cfg).__name__}.{name} = {value!r} is invalid; it must be a "
+      "non-empty tuple of finite numbers > 0")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -179,13 +197,7 @@ class HorizonScalingConfig:
     check_positive(self, "lr", "beta", "beta_decay", "floor")
     check_int(self, "half")
     check_in_range(self, "fit_fraction", 0.3, 0.9)
-    ok = len(self.curvature_scales) > 0 and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-      for v in self.curvature_scales)
-    if not ok:
-      raise ConfigError(
-        f"HorizonScalingConfig.curvature_scales = {self.curvature_scales!r} is "
-        "invalid; it must be a non-empty tuple of numbers > 0")
+    _check_positive_tuple(self, "curvature_scales")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -259,13 +271,8 @@ class AdaptiveHorizonConfig:
     check_int(self, "quad_n_horizons", minimum=8)
     _check_t_max(self, "quad_t_max")
     check_positive(self, "quad_lr", "quad_beta")
-    for name in ("quad_growths", "growths"):
-      v = getattr(self, name)
-      if not (isinstance(v, tuple) and v and all(
-          isinstance(x, (int, float)) and x > 0 for x in v)):
-        raise ConfigError(
-          f"AdaptiveHorizonConfig.{name} = {v!r} is invalid; it must be a "
-          "non-empty tuple of numbers > 0")
+    _check_positive_tuple(self, "quad_growths")
+    _check_positive_tuple(self, "growths")
     check_int(self, "seeds", minimum=2)
     check_int(self, "n_test")
     check_in_range(self, "level", 0.5, 0.999)

@@ -27,17 +27,12 @@ import dataclasses
 from typing import Any
 
 from dataweights.configs.base import ConfigError, check_profile
+from dataweights.configs.data import PipelineConfig
+from dataweights.configs.data import pipeline as pipeline_config
 from dataweights.configs.lm import MeshConfig, ModelConfig, lm_model
 from dataweights.configs.lm import mesh as mesh_config
 from dataweights.configs.train import TrainConfig
 from dataweights.configs.train import train as train_config
-
-
-def _pipeline_module():
-  # data.pipeline imports grain/numpy only; kept lazy so configs stay cheap.
-  from dataweights.data import pipeline
-
-  return pipeline
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,7 +49,7 @@ class RunConfig:
 
   profile: str
   model: ModelConfig
-  pipeline: Any  # dataweights.data.pipeline.PipelineConfig
+  pipeline: PipelineConfig
   train: TrainConfig
   mesh: MeshConfig
 
@@ -187,7 +182,7 @@ def run(
     "batch_size": t.batch_size,
     **(pipeline or {}),
   }
-  p = _pipeline_module().pipeline(profile, **pipe_over)
+  p = pipeline_config(profile, **pipe_over)
   return RunConfig(
     profile=profile,
     model=m,

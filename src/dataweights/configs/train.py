@@ -21,6 +21,7 @@ from dataweights.configs.base import (
   check_choice,
   check_in_range,
   check_int,
+  check_optional_str,
   check_positive,
   check_profile,
   from_profile,
@@ -126,6 +127,7 @@ class TrainConfig:
         f"TrainConfig.weight_decay = {self.weight_decay!r} is invalid with "
         "optimizer='adam' (no decay); use optimizer='adamw' or weight_decay=0"
       )
+    check_optional_str(self, "checkpoint_dir")
     if not isinstance(self.progress, bool):
       raise ConfigError(
         f"TrainConfig.progress = {self.progress!r} is invalid; it must be a bool"

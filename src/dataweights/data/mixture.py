@@ -92,12 +92,20 @@ def validate_weights(
         f"weights[{i}] = {w!r} (domain {names[i]!r}) is invalid; weights "
         "must be finite and >= 0"
       )
-  total = float(w_K.sum())
-  if not total > 0:
+  if not w_K.max() > 0:
     raise ValueError(
       f"weights {w_K.tolist()} sum to 0; at least one weight must be > 0"
     )
-  return w_K / total if normalise else w_K
+  if not normalise:
+    return w_K
+  with np.errstate(over="ignore"):
+    total = float(w_K.sum())
+  if not math.isfinite(total):
+    # Large finite weights whose sum overflows: scale by the largest first
+    # (dividing by an inf sum would turn every weight into 0).
+    w_K = w_K / w_K.max()
+    total = float(w_K.sum())
+  return w_K / total
 
 
 def natural_weights(domains: Sequence[DomainSource]) -> np.ndarray:
@@ -321,7 +329,7 @@ class MixtureSampler:
           "domains and config"
         )
     step = state.get("step")
-    if not isinstance(step, int) or step < 0:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
       raise ValueError(
         f"saved step = {step!r} is invalid; it must be an int >= 0"
       )
@@ -332,8 +340,11 @@ class MixtureSampler:
         f"[docs_done, offset] per domain ({self.num_domains})"
       )
     w_K = validate_weights(state.get("weights"), self.names)
-    for cursor, c in zip(self._cursors, cursors, strict=True):
-      cursor.set_state(c)
+    for k, (cursor, c) in enumerate(zip(self._cursors, cursors, strict=True)):
+      try:
+        cursor.set_state(c)
+      except ValueError as e:
+        raise ValueError(f"saved cursors[{k}] is invalid: {e}") from e
     self.step, self._w_K = step, w_K
 
 

@@ -34,90 +34,23 @@ The training step reads ``tokens_BxL[:, :-1]`` and predicts
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from dataweights.configs.base import (
-  ConfigError,
-  check_choice,
-  check_int,
-  check_profile,
-  from_profile,
+from dataweights.configs.base import ConfigError
+
+# The pipeline's config lives with the other configs (configs.data); it is
+# re-exported here, where the pipeline's users look for it.
+from dataweights.configs.data import (  # noqa: F401
+  PACKINGS,
+  PIPELINE_PRESETS,
+  PipelineConfig,
+  pipeline,
 )
 from dataweights.data import tokenize
-
-PACKINGS: tuple[str, ...] = ("pack", "pad")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PipelineConfig:
-  """Shapes and seeds of the text pipeline.
-
-  Attributes:
-    profile: the preset this config came from (smoke | book | paper).
-    seq_len: L, tokens per row: the model context plus one (the step reads
-      ``tokens_BxL[:, :-1]`` and predicts ``tokens_BxL[:, 1:]``).
-    batch_size: B, rows per training step.
-    downsampling: the online-filtering big batch has ``G = B * downsampling``
-      generic rows per step, scored and filtered down to B.
-    specific_batch_size: rows of the specific (target) batch per step.
-    packing: ``"pack"`` (fill rows with consecutive documents) or ``"pad"``
-      (one document piece per row, right-padded).
-    seed: seed of the domain draws and of the per-epoch permutations.
-  """
-
-  profile: str = "book"
-  seq_len: int = 129
-  batch_size: int = 16
-  downsampling: int = 8
-  specific_batch_size: int = 16
-  packing: str = "pack"
-  seed: int = 0
-
-  def __post_init__(self):
-    check_profile(self.profile)
-    check_int(self, "seq_len", minimum=2)
-    check_int(self, "batch_size", "downsampling", "specific_batch_size")
-    check_int(self, "seed", minimum=0)
-    check_choice(self, "packing", PACKINGS)
-
-  @property
-  def generic_batch_size(self) -> int:
-    """G = B * downsampling: rows of the online-filtering big batch."""
-    return self.batch_size * self.downsampling
-
-  def to_dict(self) -> dict[str, Any]:
-    """The fields as a JSON-able dict."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-# seq_len = the LM's max_len + 1 (configs/lm.py: 32, 128, 256); batch sizes
-# follow configs/train.py; paper: Grangier et al. (batch 128, length 256,
-# downsampling 32).
-PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
-  "smoke": dict(
-    seq_len=33, batch_size=4, downsampling=4, specific_batch_size=4
-  ),
-  "book": dict(
-    seq_len=129, batch_size=16, downsampling=8, specific_batch_size=16
-  ),
-  "paper": dict(
-    seq_len=257, batch_size=128, downsampling=32, specific_batch_size=128
-  ),
-}
-
-
-def pipeline(profile: str = "book", **overrides: Any) -> PipelineConfig:
-  """The pipeline config for ``profile`` with ``overrides`` applied.
-
-  Raises:
-    ConfigError: unknown profile, unknown field or invalid value.
-  """
-  return from_profile(PipelineConfig, PIPELINE_PRESETS, profile, overrides)
 
 
 class _IndexedView:
@@ -158,10 +91,37 @@ def _field_encoder(text_key: str) -> Callable[[Any], np.ndarray]:
           f"record has no field {text_key!r}; its fields are "
           + ", ".join(repr(k) for k in record)
         )
-      return tokenize.encode(record[text_key])
-    return tokenize.encode(record)
+      value, what = record[text_key], f"field {text_key!r}"
+    else:
+      value, what = record, f"a raw record (not a dict with {text_key!r})"
+    try:
+      return tokenize.encode(value)
+    except TypeError as e:
+      raise TypeError(f"record {what}: {e}") from e
 
   return encode_record
+
+
+def _check_indices(indices: Any, num_records: int) -> np.ndarray | None:
+  """``indices`` as int64 within ``[0, num_records)``, else ValueError."""
+  if indices is None:
+    return None
+  try:
+    idx = np.asarray(indices)
+  except (TypeError, ValueError):
+    idx = np.asarray([None])
+  ok = idx.ndim == 1 and (
+    idx.size == 0
+    or (np.issubdtype(idx.dtype, np.integer) and idx.dtype != np.bool_)
+  )
+  if ok and idx.size:
+    ok = bool(idx.min() >= 0 and idx.max() < num_records)
+  if not ok:
+    raise ValueError(
+      f"indices {indices!r:.80} are invalid; they must be a 1-D sequence of "
+      f"integers in [0, {num_records}) (the source has {num_records} records)"
+    )
+  return idx.astype(np.int64)
 
 
 class DomainSource:
@@ -179,7 +139,11 @@ class DomainSource:
       access); otherwise read and encode on demand through grain.
 
   Raises:
-    ValueError: the domain has no documents.
+    ValueError: the domain has no documents, or ``indices`` are not
+      integers in ``[0, len(records))`` (a negative index would silently
+      count from the end).
+    KeyError: a record lacks ``text_key`` (naming it and the fields it has).
+    TypeError: a document that cannot be tokenised (naming the field).
   """
 
   def __init__(
@@ -192,7 +156,7 @@ class DomainSource:
     in_memory: bool = True,
   ):
     self.name = str(name)
-    idx = None if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = _check_indices(indices, len(records))
     view = _IndexedView(records, idx)
     if len(view) == 0:
       raise ValueError(f"domain {self.name!r} has no documents")
@@ -247,7 +211,7 @@ def group_by_domain(
 
   Raises:
     KeyError: a record lacks ``domain_key``.
-    ValueError: a label has no name in ``names``.
+    ValueError: a label is not an integer, or has no name in ``names``.
   """
   labels_M = np.empty(len(records), dtype=np.int64)
   for i in range(len(records)):
@@ -257,7 +221,21 @@ def group_by_domain(
         f"record {i} has no field {domain_key!r}; its fields are "
         + ", ".join(repr(k) for k in record)
       )
-    labels_M[i] = int(np.asarray(record[domain_key]))
+    label = record[domain_key]
+    if not isinstance(label, (int, np.integer)) or isinstance(
+      label, (bool, np.bool_)
+    ):
+      label = np.asarray(label) if isinstance(label, np.ndarray) else label
+      if not (
+        isinstance(label, np.ndarray)
+        and label.ndim == 0
+        and np.issubdtype(label.dtype, np.integer)
+      ):
+        raise ValueError(
+          f"record {i} has {domain_key} = {record[domain_key]!r}; domain "
+          "labels must be integers (ClassLabel ids)"
+        )
+    labels_M[i] = int(label)
   if names is None:
     names = _classlabel_names(records, domain_key)
   out = []
@@ -417,14 +395,20 @@ class DomainCursor:
     Raises:
       ValueError: malformed state, naming it.
     """
-    ok = len(state) == 2 and all(
-      isinstance(v, (int, np.integer)) and v >= 0 for v in state
+    ok = (
+      isinstance(state, Sequence)
+      and not isinstance(state, (str, bytes))
+      and len(state) == 2
+      and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+        for v in state
+      )
     )
     if ok:
       ok = int(state[1]) < len(self.document(int(state[0])))
     if not ok:
       raise ValueError(
-        f"cursor state {list(state)!r} of domain {self.source.name!r} is "
+        f"cursor state {state!r} of domain {self.source.name!r} is "
         "invalid; it must be [docs_done >= 0, 0 <= offset < document length]"
       )
     self.docs_done, self.offset = int(state[0]), int(state[1])
@@ -452,7 +436,7 @@ def pack_documents(
       f"packing = {packing!r} is invalid; allowed values are "
       + ", ".join(repr(p) for p in PACKINGS)
     )
-  if not isinstance(seq_len, int) or seq_len < 1:
+  if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
     raise ConfigError(
       f"seq_len = {seq_len!r} is invalid; it must be an int >= 1"
     )

@@ -89,6 +89,23 @@ def encode(value: object) -> np.ndarray:
   return out
 
 
+def _as_ids(tokens: object) -> np.ndarray:
+  """``tokens`` as a flat integer array; ValueError if they are not ids."""
+  try:
+    ids = np.asarray(tokens).reshape(-1)
+  except (TypeError, ValueError) as e:  # ragged or unconvertible
+    raise ValueError(
+      f"token ids {tokens!r:.80} are not an array of integers: {e}"
+    ) from e
+  if ids.size and (
+    not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_
+  ):
+    raise ValueError(
+      f"token ids must be integers in [0, {VOCAB_SIZE}), got dtype {ids.dtype}"
+    )
+  return ids.astype(np.int64)
+
+
 def decode(tokens: Sequence[int] | np.ndarray) -> bytes:
   """The bytes of ``tokens`` with the special ids (PAD, BOS, EOS) dropped.
 
@@ -99,11 +116,10 @@ def decode(tokens: Sequence[int] | np.ndarray) -> bytes:
     The byte string.
 
   Raises:
-    ValueError: an id outside ``[0, VOCAB_SIZE)``, naming it.
+    ValueError: not integer ids, or an id outside ``[0, VOCAB_SIZE)``,
+      naming it.
   """
-  ids = np.asarray(tokens).reshape(-1)
-  if ids.size and not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+  ids = _as_ids(tokens)
   bad = ids[(ids < 0) | (ids >= VOCAB_SIZE)]
   if bad.size:
     raise ValueError(
@@ -123,8 +139,11 @@ def split_documents(tokens: Sequence[int] | np.ndarray) -> list[bytes]:
 
   Returns:
     The documents' bytes, in order.
+
+  Raises:
+    ValueError: not integer ids, or an id outside ``[0, VOCAB_SIZE)``.
   """
-  ids = np.asarray(tokens).reshape(-1)
+  ids = _as_ids(tokens)
   ends = np.flatnonzero(ids == EOS_ID)
   docs, start = [], 0
   for end in ends:

@@ -29,6 +29,8 @@ a small MLP via ``nnx.split``/``nnx.merge``).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -420,3 +422,277 @@ def solve_inner(
   if return_info:
     return params_star, {"steps": steps, "grad_norm": grad_norm}
   return params_star
+
+
+HYPERGRAD_MODES = ("forward", "reverse", "reverse_remat")
+
+# Cost model of choose_hypergrad_mode (time in units of one inner step):
+# each forward-mode tangent direction costs about 1.5 inner steps
+# (forward-over-reverse HVP, vmapped over K); reverse mode's backward
+# pass costs about one more step; remat adds one recomputed forward step.
+FORWARD_STEPS_PER_DIRECTION = 1.5
+# ... unless the step is bound by reading its data (fewer than
+# DATA_BOUND_FLOPS_PER_BYTE FLOPs per byte of closed-over data and
+# minibatch, e.g. logistic regression): the K vmapped directions then share
+# each read of the data and cost FORWARD_STEPS_PER_DIRECTION_DATA_BOUND.
+DATA_BOUND_FLOPS_PER_BYTE = 4.0
+FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.45
+REVERSE_STEPS = 2.0
+REMAT_STEPS = 3.0
+# Above this many stored residual bytes per FLOP of the inner step, and once
+# the T steps' residuals outgrow the cache, reverse mode is bound by writing
+# and re-reading them: its time is charged
+# REVERSE_STEPS * intensity / RESIDUAL_BYTES_PER_FLOP.
+RESIDUAL_BYTES_PER_FLOP = 0.02
+CACHE_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeChoice:
+  """What :func:`choose_hypergrad_mode` picked, and why.
+
+  Attributes:
+    mode: ``"forward"``, ``"reverse"`` or ``"reverse_remat"``.
+    reason: one sentence.
+    time_steps: estimated time of each mode, in inner steps.
+    memory_bytes: estimated memory each mode keeps for the hypergradient.
+    feasible: modes whose memory fits the budget.
+    param_bytes: ``P``, bytes of ``θ``.
+    residual_bytes: ``R``, bytes reverse mode stores per inner step beyond
+      ``θ_t`` (``None`` if it could not be traced).
+    step_flops: XLA's FLOP count of one inner step (``None`` if unknown).
+    data_bytes: bytes of the data one inner step reads (closed-over
+      constants and its minibatch).
+  """
+
+  mode: str
+  reason: str
+  time_steps: dict[str, float]
+  memory_bytes: dict[str, int]
+  feasible: tuple[str, ...]
+  param_bytes: int
+  residual_bytes: int | None
+  step_flops: float | None
+  data_bytes: int
+
+
+def _nbytes(tree) -> int:
+  return sum(
+    int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+  )
+
+
+def _step_residual_bytes(step, params, batch) -> int | None:
+  """Bytes reverse mode saves for one inner step, beyond its input ``θ_t``.
+
+  Counts what ``jax.vjp`` of the step keeps (``saved_residuals``), except
+  constants and literals (closed-over data, shared by all steps) and the
+  step's arguments (``θ_t`` is counted separately; the minibatch is an
+  input of the scan).
+  """
+  try:
+    from jax._src.ad_checkpoint import saved_residuals  # noqa: PLC0415
+
+    res = saved_residuals(step, params, batch)
+  except Exception:  # noqa: BLE001 -- a private API; fall back to "unknown"
+    return None
+  total = 0
+  for aval, what in res:
+    if what.startswith(("from a constant", "from a literal", "from the arg")):
+      continue
+    total += int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+  return total
+
+
+def choose_hypergrad_mode(
+  problem: MixingProblem,
+  params: Params,
+  w_K: ArrayLike,
+  *,
+  lr: ArrayLike,
+  T: int,
+  batches: Batch | None = None,
+  memory_budget_bytes: int | None = None,
+) -> ModeChoice:
+  """Picks forward, reverse or rematerialised reverse mode for T steps.
+
+  The cost model, with ``P`` the bytes of ``θ``, ``R`` the bytes reverse
+  mode stores per inner step beyond ``θ_t`` (traced, not run), ``F`` the
+  FLOPs of one inner step (XLA's count of the lowered step), K domains:
+
+  ================  ==========================  ==================
+  mode              time (inner steps per step)  memory
+  ================  ==========================  ==================
+  forward           ``1 + 1.5 K``; ``1 + 0.45 K``  ``(K + 2) P + R``
+                    if ``F`` < 4 x data bytes
+  reverse           ``2``, or ``2 ρ / ρ*`` if   ``T (P + R) + P``
+                    ``ρ = R / F > ρ* = 0.02``
+                    and ``T (P + R) > 1 MiB``
+  reverse_remat     ``3``                       ``T P + R + P``
+  ================  ==========================  ==================
+
+  Reverse mode is memory-bound when it stores more than ``ρ*`` bytes per
+  FLOP and its residuals outgrow the cache (then recomputing the step is
+  cheaper than storing it). Forward mode's K directions are vmapped: when
+  the step does fewer than 4 FLOPs per byte of data it reads (its
+  closed-over constants and minibatch), they share each read of the data
+  and cost 0.45 steps each, not 1.5. Among the
+  modes whose memory fits ``memory_budget_bytes`` the fastest wins, ties to
+  the smaller memory; if none fits, the smallest memory wins. The constants
+  are fitted to ``benchmarks/bench_mixing.py`` (tanh MLP, logistic
+  regression) on CPU; they are estimates, not measurements of the problem.
+
+  Clear-cut cases: large ``K`` with room for T copies of ``θ`` gives a
+  reverse mode; a budget below ``T P`` forces forward mode; a step that
+  stores many activations per FLOP (an MLP on many examples) gives
+  ``reverse_remat``; a matrix-vector step (logistic regression) gives
+  ``reverse`` for ``K >= 3`` and ``forward`` for ``K <= 2``.
+
+  Args:
+    problem: the bilevel problem.
+    params: ``θ_0`` (arrays or ``ShapeDtypeStruct``s).
+    w_K: domain weights, shape ``(K,)``.
+    lr: inner step size.
+    T: inner horizon, ``>= 1``.
+    batches: as for :func:`hypergrad_forward` (leading axis T), or None.
+    memory_budget_bytes: bytes the hypergradient may keep; None: no limit.
+
+  Returns:
+    A :class:`ModeChoice`.
+
+  Raises:
+    ValueError: bad ``T``, ``w_K``, ``batches`` or budget.
+  """
+  _check_T(T)
+  if batches is not None:  # arrays or ShapeDtypeStructs
+    lead = {getattr(x, "shape", (None,))[:1] for x in jax.tree.leaves(batches)}
+    if lead != {(T,)}:
+      raise ValueError(
+        f"batches must have leading axis T = {T} (one minibatch per inner "
+        f"step); got leading axes {sorted(lead, key=str)}"
+      )
+  w_K = _check_w(w_K)
+  if memory_budget_bytes is not None and not (
+    isinstance(memory_budget_bytes, (int, np.integer))
+    and not isinstance(memory_budget_bytes, bool)
+    and memory_budget_bytes > 0
+  ):
+    raise ValueError(
+      f"memory_budget_bytes = {memory_budget_bytes!r} is invalid; it must be "
+      "a positive integer or None (no limit)"
+    )
+  K = int(w_K.shape[0])
+  batch0 = None
+  if batches is not None:
+    first = lambda b: jax.tree.map(lambda x: x[0], b)
+    batch0 = jax.eval_shape(first, batches)
+  grad_F = jax.grad(lambda p, w, b: _weighted_loss(problem, p, w, b))
+
+  def step(p, b):
+    g = grad_F(p, w_K, b)
+    return jax.tree.map(lambda x, d: x - lr * d, p, g)
+
+  P = _nbytes(params)
+  R = _step_residual_bytes(step, params, batch0)
+  try:
+    cost = jax.jit(step).lower(params, batch0).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    F = float(cost["flops"]) if cost and cost.get("flops") else None
+  except Exception:  # noqa: BLE001 -- cost analysis is optional
+    F = None
+  consts = jax.make_jaxpr(step)(params, batch0).consts
+  data = _nbytes([c for c in consts if hasattr(c, "dtype")]) + _nbytes(batch0)
+  r = P if R is None else R
+  rho = None if F is None or F <= 0 else r / F
+  per_direction = FORWARD_STEPS_PER_DIRECTION
+  if F is not None and data > 0 and F / data < DATA_BOUND_FLOPS_PER_BYTE:
+    per_direction = FORWARD_STEPS_PER_DIRECTION_DATA_BOUND
+  t_rev = REVERSE_STEPS
+  stored = T * (P + r)
+  if rho is not None and rho > RESIDUAL_BYTES_PER_FLOP and stored > CACHE_BYTES:
+    t_rev = REVERSE_STEPS * rho / RESIDUAL_BYTES_PER_FLOP
+  time_steps = {
+    "forward": 1 + per_direction * K,
+    "reverse": t_rev,
+    "reverse_remat": REMAT_STEPS,
+  }
+  memory = {
+    "forward": (K + 2) * P + r,
+    "reverse": T * (P + r) + P,
+    "reverse_remat": T * P + r + P,
+  }
+  budget = math.inf if memory_budget_bytes is None else memory_budget_bytes
+  feasible = tuple(m for m in HYPERGRAD_MODES if memory[m] <= budget)
+  if feasible:
+    mode = min(feasible, key=lambda m: (time_steps[m], memory[m]))
+    reason = (
+      f"fastest estimate ({time_steps[mode]:.2f} inner steps per step) of "
+      f"the modes within the memory budget ({', '.join(feasible)})"
+    )
+  else:
+    mode = min(HYPERGRAD_MODES, key=lambda m: memory[m])
+    reason = (
+      f"no mode fits memory_budget_bytes = {memory_budget_bytes}; "
+      f"{mode} needs the least ({memory[mode]} bytes)"
+    )
+  return ModeChoice(
+    mode=mode,
+    reason=reason,
+    time_steps=time_steps,
+    memory_bytes={k: int(v) for k, v in memory.items()},
+    feasible=feasible,
+    param_bytes=P,
+    residual_bytes=R,
+    step_flops=F,
+    data_bytes=data,
+  )
+
+
+def hypergrad(
+  problem: MixingProblem,
+  params: Params,
+  w_K: ArrayLike,
+  *,
+  lr: ArrayLike,
+  T: int,
+  mode: str = "auto",
+  batches: Batch | None = None,
+  val_batch: Batch | None = None,
+  memory_budget_bytes: int | None = None,
+) -> tuple[jax.Array, Params]:
+  """The unrolled hypergradient by the mode given, or chosen (``"auto"``).
+
+  Args:
+    problem, params, w_K, lr, T, batches, val_batch: as for
+      :func:`hypergrad_forward`.
+    mode: ``"auto"`` (:func:`choose_hypergrad_mode`), ``"forward"``,
+      ``"reverse"`` or ``"reverse_remat"``.
+    memory_budget_bytes: the budget for ``"auto"``.
+
+  Returns:
+    ``(h_K, θ_T)``: the same numbers whatever the mode (up to float
+    rounding).
+
+  Raises:
+    ValueError: unknown ``mode``, or as :func:`hypergrad_forward`.
+  """
+  allowed = ("auto",) + HYPERGRAD_MODES
+  if mode not in allowed:
+    raise ValueError(f"mode = {mode!r} is invalid; allowed: {allowed}")
+  if mode == "auto":
+    mode = choose_hypergrad_mode(
+      problem,
+      params,
+      w_K,
+      lr=lr,
+      T=T,
+      batches=batches,
+      memory_budget_bytes=memory_budget_bytes,
+    ).mode
+  kw = dict(lr=lr, T=T, batches=batches, val_batch=val_batch)
+  if mode == "forward":
+    return hypergrad_forward(problem, params, w_K, **kw)
+  return hypergrad_reverse(
+    problem, params, w_K, remat=mode == "reverse_remat", **kw
+  )

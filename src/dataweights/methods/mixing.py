@@ -41,7 +41,7 @@ OUTER_UPDATES: dict[str, Callable[..., jax.Array]] = {
   "eg": simplex.eg_update,
   "pgd": simplex.projected_update,
 }
-HYPERGRADS = ("forward", "reverse")
+HYPERGRADS = ("forward", "reverse", "reverse_remat", "auto")
 
 
 class MixingError(ValueError):
@@ -101,7 +101,10 @@ def natural_weights(counts_K: ArrayLike) -> jax.Array:
     MixingError: ``counts_K`` not 1-D or with a non-positive or non-finite
       entry.
   """
-  c_K = np.asarray(counts_K, dtype=np.float64)
+  try:
+    c_K = np.asarray(counts_K, dtype=np.float64)
+  except (TypeError, ValueError):
+    c_K = np.zeros((0,))
   if c_K.ndim != 1 or c_K.shape[0] < 1:
     raise MixingError(
       f"counts_K = {counts_K!r} is invalid; expected a 1-D array of K >= 1 "
@@ -270,6 +273,55 @@ def _check_weights(name: str, w_K: ArrayLike) -> jax.Array:
   return w_K
 
 
+def _auto_mode(problem, params0, w0_K, lr, T, batch_fn, key_R, budget):
+  """(hypergrad, remat) chosen by the cost model of the bilevel module."""
+  batches = None
+  if batch_fn is not None:
+    key_b, _ = jax.random.split(key_R[0])
+    batches = jax.eval_shape(batch_fn, key_b)
+  try:
+    mode = bilevel.choose_hypergrad_mode(
+      problem,
+      params0,
+      w0_K,
+      lr=lr,
+      T=T,
+      batches=batches,
+      memory_budget_bytes=budget,
+    ).mode
+  except ValueError as e:
+    raise MixingError(str(e)) from e
+  if mode == "reverse_remat":
+    return "reverse", True
+  return mode, False
+
+
+def _check_num_domains(
+  problem: bilevel.MixingProblem,
+  params0: Params,
+  w_K: jax.Array,
+  batch_fn: Callable[[PRNGKey], Batch] | None,
+  name: str,
+) -> None:
+  """MixingError unless ``problem.domain_losses`` gives one loss per weight.
+
+  Checked on shapes only (``jax.eval_shape``: nothing is computed).
+  """
+
+  def losses(params, key):
+    batch = None
+    if batch_fn is not None:
+      batch = jax.tree.map(lambda x: x[0], batch_fn(key))
+    return problem.domain_losses(params, batch)
+
+  out = jax.eval_shape(losses, params0, jax.random.key(0))
+  if out.shape != w_K.shape:
+    raise MixingError(
+      f"{name} has shape {w_K.shape} but problem.domain_losses returns "
+      f"shape {out.shape}; {name} needs one weight per domain"
+    )
+
+
 def run_mixing(
   problem: bilevel.MixingProblem,
   params0: Params,
@@ -288,6 +340,7 @@ def run_mixing(
   eval_batch: Batch | None = None,
   check_finite: bool = True,
   remat: bool = False,
+  memory_budget_bytes: int | None = None,
 ) -> MixingTrace:
   """Bilevel data mixing with a weight update every T inner steps.
 
@@ -317,8 +370,11 @@ def run_mixing(
     N: budget of inner steps, an integer ``>= T``.
     beta: outer step size ``β``, finite and > 0.
     outer: ``"eg"`` (exponentiated gradient) or ``"pgd"`` (projected).
-    hypergrad: ``"forward"`` (Prop. 4.1, memory independent of T) or
-      ``"reverse"`` (backprop through the T steps).
+    hypergrad: ``"forward"`` (Prop. 4.1, memory independent of T),
+      ``"reverse"`` (backprop through the T steps), ``"reverse_remat"``
+      (the same with each step rematerialised) or ``"auto"``: chosen once,
+      before the run, by :func:`.bilevel.choose_hypergrad_mode` from T, K,
+      the sizes of one inner step and ``memory_budget_bytes``.
     batch_fn: ``key -> batches`` with leading axis T (minibatch variant);
       ``None`` = full batch.
     val_batch_fn: ``key -> validation batch`` for the hypergradient;
@@ -332,12 +388,15 @@ def run_mixing(
       non-finite (skipped when called under an outer transformation).
     remat: with ``hypergrad="reverse"``, checkpoint each inner step (see
       :func:`.bilevel.hypergrad_reverse`); ignored by forward mode.
+    memory_budget_bytes: with ``hypergrad="auto"``, the bytes the
+      hypergradient may keep (None: no limit).
 
   Returns:
     A :class:`MixingTrace`.
 
   Raises:
-    MixingError: ``w0_K`` off the simplex, ``T < 1``, ``N < T``,
+    MixingError: ``w0_K`` off the simplex or not one weight per domain of
+      ``problem``, ``T < 1``, ``N < T``,
       non-integer ``T`` or ``N``, ``lr`` or ``beta`` not finite and > 0,
       unknown ``outer`` or ``hypergrad``, or a missing key.
     NonFiniteHypergradientError: the run diverged; the message gives the
@@ -356,7 +415,7 @@ def run_mixing(
     )
   _check_pos("lr", lr)
   _check_pos("beta", beta)
-  if outer not in OUTER_UPDATES:
+  if not isinstance(outer, str) or outer not in OUTER_UPDATES:
     raise MixingError(
       f"outer = {outer!r} is invalid; allowed: {tuple(OUTER_UPDATES)}"
     )
@@ -365,9 +424,16 @@ def run_mixing(
       f"hypergrad = {hypergrad!r} is invalid; allowed: {HYPERGRADS}"
     )
   w0_K = _check_weights("w0_K", w0_K)
+  _check_num_domains(problem, params0, w0_K, batch_fn, "w0_K")
   R, rem = divmod(N, T)
   key_R = _round_keys(key, R, batch_fn is not None or val_batch_fn is not None)
   key_rem = jax.random.fold_in(key if key is not None else jax.random.key(0), R)
+  if hypergrad == "auto":
+    hypergrad, remat = _auto_mode(
+      problem, params0, w0_K, lr, T, batch_fn, key_R, memory_budget_bytes
+    )
+  elif hypergrad == "reverse_remat":
+    hypergrad, remat = "reverse", True
   trace = _run_jit(
     params0,
     w0_K,
@@ -453,12 +519,14 @@ def train_fixed(
     steps ``0, S, 2S, ..., N`` (``N / S + 1`` entries).
 
   Raises:
-    MixingError: bad ``w_K``, ``lr``, ``N`` or ``eval_every``, ``N`` not a
+    MixingError: bad ``w_K`` (off the simplex, or not one weight per
+      domain), ``lr``, ``N`` or ``eval_every``, ``N`` not a
       multiple of ``eval_every``, or a missing key.
   """
   N = _check_int("N", N, 1)
   _check_pos("lr", lr)
   w_K = _check_weights("w_K", w_K)
+  _check_num_domains(problem, params0, w_K, batch_fn, "w_K")
   if eval_every is None:
     if batch_fn is None:
       S = 1
@@ -698,7 +766,7 @@ def run_mixing_schedule(
       if not np.all(np.isfinite(v)) or np.any(v < low):
         raise MixingError(
           f"{name} = {value!r} is invalid; it must be a finite number >= {low:g}")
-  if outer not in OUTER_UPDATES:
+  if not isinstance(outer, str) or outer not in OUTER_UPDATES:
     raise MixingError(
       f"outer = {outer!r} is invalid; allowed: {tuple(OUTER_UPDATES)}")
   w0_K = _check_weights("w0_K", w0_K)

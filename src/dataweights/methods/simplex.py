@@ -112,7 +112,8 @@ def project_simplex(v_K: ArrayLike) -> jax.Array:
   sort-based fallback.
 
   Args:
-    v_K: any real vector, shape ``(K,)``.
+    v_K: any real vector, shape ``(K,)`` (``±inf`` entries are taken as
+      their limits).
 
   Returns:
     The projection, shape ``(K,)``: non-negative, summing to 1.
@@ -132,6 +133,13 @@ def project_simplex(v_K: ArrayLike) -> jax.Array:
     )
   if not jnp.issubdtype(v_K.dtype, jnp.floating):
     v_K = v_K.astype(jnp.result_type(float))
+  # Π(v + c 1) = Π(v), and entries more than 1 below max(v) project to 0:
+  # shift by the max and clip at -1 so that the sums inside the projection
+  # cannot overflow for large finite entries (the result is unchanged).
+  # Infinite entries (e.g. an overflowing w - beta h) count as their limit:
+  # the +inf entries share the mass, -inf entries get 0.
+  v_max = jnp.max(v_K)
+  v_K = jnp.maximum(jnp.where(v_K == v_max, 0.0, v_K - v_max), -1.0)
   if _optax_projection_simplex is not None:
     return _optax_projection_simplex(v_K)
   return _projection_simplex_sort(v_K)  # pragma: no cover
@@ -140,7 +148,10 @@ def project_simplex(v_K: ArrayLike) -> jax.Array:
 def _check_beta(beta: ArrayLike) -> None:
   if isinstance(beta, jax.core.Tracer):
     return
-  b = float(np.asarray(beta))
+  try:
+    b = float(np.asarray(beta)) if not isinstance(beta, bool) else math.nan
+  except (TypeError, ValueError):
+    b = math.nan
   if not math.isfinite(b) or b <= 0:
     raise SimplexError(
       f"step size beta = {beta!r} is invalid; it must be a finite number > 0"
@@ -177,8 +188,15 @@ def eg_update(w_K: ArrayLike, h_K: ArrayLike, beta: ArrayLike) -> jax.Array:
   _check_beta(beta)
   w_K = jnp.asarray(w_K)
   h_K = jnp.asarray(h_K)
-  log_w_K = jnp.where(w_K > 0, jnp.log(jnp.where(w_K > 0, w_K, 1.0)), -jnp.inf)
-  return jax.nn.softmax(log_w_K - beta * h_K)
+  pos_K = w_K > 0
+  log_w_K = jnp.log(jnp.where(pos_K, w_K, 1.0))
+  # softmax is shift-invariant: measuring h from its smallest value on the
+  # support keeps every exponent <= log w, so no inf - inf can arise (an
+  # overflowing beta (h - c) is -inf: that weight's limit, 0); zero weights
+  # are masked, never computed with.
+  c = jnp.min(jnp.where(pos_K, h_K, jnp.inf))
+  z_K = jnp.where(pos_K, log_w_K - beta * (h_K - c), -jnp.inf)
+  return jax.nn.softmax(z_K)
 
 
 def projected_update(

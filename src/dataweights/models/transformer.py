@@ -32,7 +32,29 @@ Inside a mesh the residual stream is constrained to the batch mesh axes
 ``cfg.dtype`` is the compute dtype (parameters are cast at use, LayerNorm
 and softmax run in float32, logits are returned in float32);
 ``cfg.param_dtype`` the storage dtype; ``cfg.remat`` recomputes each block
-in the backward pass (``nnx.remat``).
+in the backward pass (``jax.checkpoint``) under one of
+:data:`dataweights.configs.lm.REMAT_POLICIES`; ``cfg.scan_layers`` stacks
+the blocks' parameters along a leading ``layers`` axis and runs them with
+one ``lax.scan`` (one block compiled, whatever the depth).
+
+The residual-gradient barrier (``cfg.grad_barrier``, on by default). In the
+backward pass the gradient of the residual stream at block ``i`` is a pure
+elementwise function of the gradients of all later blocks (residual adds,
+LayerNorm backward, bias gradients): nothing in it needs a matmul or a
+layout change. XLA:CPU's fusion duplicates cheap elementwise producers
+into every consumer instead of writing them to memory once, so it never
+materialises that gradient: each consumer (the transposes that feed the
+weight-gradient matmuls, the bias-gradient and LayerNorm reductions, the
+embedding scatter) recomputes the whole chain of the later layers. The
+duplicated work grows with the square of the depth (fusions with 83 inputs
+at the book shape; 4.9x forward time for the backward pass).
+:func:`grad_barrier` is the identity whose tangent (hence, transposed, its
+cotangent) passes through ``jax.lax.optimization_barrier``; applied to the
+residual stream before each residual branch, it makes XLA materialise the
+residual gradient there, once, and fusions stop growing with depth. The
+forward pass is untouched and the gradient is the same function (bitwise
+the same at the book shape). ``jax.checkpoint`` (MaxText's per-layer remat)
+cures the same duplication as a side effect of its own barriers.
 
 Functional use (hypergradients, per-example gradients)::
 
@@ -43,15 +65,19 @@ Functional use (hypergradients, per-example gradients)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 
 from dataweights.configs.lm import BATCH_MESH_AXES, ModelConfig
+from dataweights.models.ids import TokenIdError as TokenIdError
+from dataweights.models.ids import check_token_ids
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -79,6 +105,29 @@ def _constrain_batch(x: jax.Array) -> jax.Array:
     return x
   spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+@jax.custom_jvp
+def grad_barrier(x: jax.Array) -> jax.Array:
+  """Identity whose derivative materialises its (co)tangent.
+
+  The tangent passes through ``jax.lax.optimization_barrier``; JAX
+  transposes the barrier into a barrier on the cotangent, so in reverse mode
+  the gradient flowing back into ``x`` is computed once, written to memory,
+  and read by every consumer (XLA may not fuse it into them, so it cannot
+  duplicate the computation that produces it). Works under ``jax.grad``,
+  ``jax.jvp`` (forward mode, e.g. hypergradients), ``vmap`` and ``jit``;
+  the primal value is never touched.
+
+  See the module docstring for why the transformer needs it.
+  """
+  return x
+
+
+@grad_barrier.defjvp
+def _grad_barrier_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return x, jax.lax.optimization_barrier(t)
 
 
 def _lead(v: jax.Array, ndim: int) -> jax.Array:
@@ -213,18 +262,68 @@ class Attention(nnx.Module):
   def __call__(
     self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None
   ) -> jax.Array:
-    q_BxLxHxDh = self.query(x_BxLxD)
-    k_BxLxHxDh = self.key(x_BxLxD)
-    v_BxLxHxDh = self.value(x_BxLxD)
-    if mask_Bx1xLxL is None:
-      y_BxLxHxDh = jax.nn.dot_product_attention(
-        q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, is_causal=True
-      )
-    else:
-      y_BxLxHxDh = jax.nn.dot_product_attention(
-        q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=mask_Bx1xLxL
-      )
+    q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = self._qkv(x_BxLxD)
+    y_BxLxHxDh = attend(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_Bx1xLxL)
     return self.out(y_BxLxHxDh)
+
+  def _qkv(self, x_BxLxD: jax.Array):
+    """Query, key and value from one matmul against the stacked kernels.
+
+    One ``D x (3 H Dh)`` product instead of three ``D x (H Dh)`` ones (fewer,
+    larger matmuls; one input gradient instead of three summed). Stacking
+    along a new axis keeps the head axis, and with it any tensor-parallel
+    sharding of the kernels, in place.
+    """
+    dt = self.query.dtype
+    parts = (self.query, self.key, self.value)
+    w_Dx3xHxDh = jnp.stack([p.kernel[...].astype(dt) for p in parts], axis=1)
+    y_BxLx3xHxDh = jnp.tensordot(x_BxLxD.astype(dt), w_Dx3xHxDh, axes=1)
+    if self.query.bias is not None:
+      b_3xHxDh = jnp.stack([p.bias[...].astype(dt) for p in parts])
+      y_BxLx3xHxDh = y_BxLx3xHxDh + b_3xHxDh[None, None]
+    return tuple(y_BxLx3xHxDh[:, :, j] for j in range(3))
+
+
+def attend(
+  q_BxLxHxDh: jax.Array,
+  k_BxLxHxDh: jax.Array,
+  v_BxLxHxDh: jax.Array,
+  mask_Bx1xLxL: jax.Array | None = None,
+) -> jax.Array:
+  """Softmax attention, causal unless a mask is given.
+
+  ``softmax(q k^T / sqrt(Dh) + mask) v`` with the scores and the softmax
+  in float32 (what ``jax.nn.dot_product_attention``'s XLA path computes,
+  written out so that the scores stay in one ``B x H x L x L`` layout).
+
+  Args:
+    q_BxLxHxDh: queries.
+    k_BxLxHxDh: keys.
+    v_BxLxHxDh: values.
+    mask_Bx1xLxL: true where query ``l`` may see key ``m``; ``None`` for
+      the causal mask.
+
+  Returns:
+    y_BxLxHxDh, in the dtype of ``v``.
+  """
+  length, dh = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[-1]
+  s_BxHxLxL = jnp.einsum(
+    "blhd,bmhd->bhlm",
+    q_BxLxHxDh,
+    k_BxLxHxDh,
+    preferred_element_type=jnp.float32,
+  )
+  s_BxHxLxL = s_BxHxLxL * jnp.float32(1.0 / math.sqrt(dh))
+  if mask_Bx1xLxL is None:
+    mask_Bx1xLxL = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  s_BxHxLxL = jnp.where(mask_Bx1xLxL, s_BxHxLxL, _MASKED)
+  p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1).astype(v_BxLxHxDh.dtype)
+  return jnp.einsum("bhlm,bmhd->blhd", p_BxHxLxL, v_BxLxHxDh)
+
+
+# What masked scores become: very negative but finite (exp underflows to 0
+# and a fully masked row stays finite), as in jax.nn.dot_product_attention.
+_MASKED = float(-0.7 * jnp.finfo(jnp.float32).max)
 
 
 class MLP(nnx.Module):
@@ -266,6 +365,7 @@ class Block(nnx.Module):
     self.ln_2 = LayerNorm(cfg.d_model, **ln)
     self.mlp = MLP(cfg, rngs=rngs)
     self.dropout = cfg.dropout
+    self.barrier = cfg.grad_barrier
 
   def __call__(
     self,
@@ -273,14 +373,103 @@ class Block(nnx.Module):
     mask_Bx1xLxL: jax.Array | None,
     key: jax.Array | None,
   ) -> jax.Array:
+    # The barriers sit where the residual stream branches: the gradient
+    # arriving there is the sum of the branch's and the skip path's.
+    if self.barrier:
+      x_BxLxD = grad_barrier(x_BxLxD)
     a = self.attn(self.ln_1(x_BxLxD), mask_Bx1xLxL)
     x_BxLxD = x_BxLxD + _dropout(a, self.dropout, key, 0)
+    if self.barrier:
+      x_BxLxD = grad_barrier(x_BxLxD)
     m = self.mlp(self.ln_2(x_BxLxD))
     return x_BxLxD + _dropout(m, self.dropout, key, 1)
 
 
 def _block_call(block, x, mask, key):
   return block(x, mask, key)
+
+
+_REMAT_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_fn(cfg: ModelConfig, *, in_scan: bool):
+  """``(block, x, mask, key) -> x``, rematerialised as ``cfg.remat`` says.
+
+  Functional ``jax.checkpoint`` over the block's split state (not
+  ``nnx.remat``, which writes variables back into the module and so fails
+  when the model was built outside the current trace, e.g. a model closed
+  over by ``jax.vmap`` for per-example losses). Inside ``lax.scan`` CSE
+  cannot hoist the recomputation, so ``prevent_cse`` (extra barriers) is
+  off there, as the ``jax.checkpoint`` docs advise.
+  """
+  if cfg.remat == "none":
+    return _block_call
+  policy = _REMAT_POLICIES[cfg.remat]
+
+  def call(block, x, mask, key):
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, mask, key):
+      return nnx.merge(graphdef, state)(x, mask, key)
+
+    return jax.checkpoint(run, policy=policy, prevent_cse=not in_scan)(
+      state, x, mask, key
+    )
+
+  return call
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """``num_layers`` blocks as one Block with a leading (replicated) axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(
+    in_axes=(0,),
+    out_axes=0,
+    # The layer axis gets no logical name (None): it is never sharded, and
+    # the rules table needs no entry for it.
+    transform_metadata={nnx.PARTITION_NAME: None},
+  )
+  def make(rngs: nnx.Rngs) -> Block:
+    return Block(cfg, rngs=rngs)
+
+  return make(rngs)
+
+
+def stack_layers(model: Transformer) -> Transformer:
+  """The same network with ``scan_layers=True``: blocks stacked on axis 0.
+
+  Layer ``i`` of the result holds exactly the parameters of
+  ``model.blocks[i]``; everything else is shared. Use it to load per-layer
+  checkpoints (GPT-2) into a scanned model, or to compare the two layouts.
+
+  Raises:
+    ValueError: ``model`` is already scanned.
+  """
+  cfg = model.cfg
+  if cfg.scan_layers:
+    raise ValueError("stack_layers: the model already has scan_layers=True")
+  new_cfg = dataclasses.replace(cfg, scan_layers=True)
+  out = nnx.eval_shape(lambda: Transformer(new_cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(out)
+  src = nnx.state(model)
+  flat = dict(nnx.to_flat_state(state))
+  for path, var in nnx.to_flat_state(src):
+    if path[0] == "blocks":
+      continue
+    flat[path] = flat[path].replace(var.get_value())
+  per_layer = [nnx.state(b) for b in model.blocks]
+  for path, _ in nnx.to_flat_state(nnx.state(out.blocks)):
+    values = [dict(nnx.to_flat_state(s))[path].get_value() for s in per_layer]
+    flat[("blocks",) + path] = flat[("blocks",) + path].replace(
+      jnp.stack(values)
+    )
+  state = nnx.from_flat_state(list(flat.items()))
+  return nnx.merge(graphdef, state)
 
 
 class Transformer(nnx.Module):
@@ -323,9 +512,12 @@ class Transformer(nnx.Module):
       pdt,
       std=cfg.init_std / 2,
     )
-    self.blocks = nnx.List(
-      [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
-    )
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List(
+        [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+      )
     self.ln_f = LayerNorm(
       cfg.d_model,
       eps=cfg.layer_norm_eps,
@@ -366,13 +558,21 @@ class Transformer(nnx.Module):
       logits_BxLxV in float32, whatever the compute dtype.
 
     Raises:
-      ValueError: wrong rank, or sequence longer than ``max_len``.
+      ValueError: wrong rank, empty sequence, or sequence longer than
+        ``max_len``.
+      TokenIdError: a non-integer id array, or an id outside
+        ``[0, vocab_size)`` (under ``jit``: when the computation runs, see
+        :mod:`dataweights.models.ids`).
     """
     cfg = self.cfg
-    if tokens_BxL.ndim != 2:
+    if not hasattr(tokens_BxL, "ndim"):
+      tokens_BxL = np.asarray(tokens_BxL)
+    if tokens_BxL.ndim != 2 or tokens_BxL.shape[1] == 0:
       raise ValueError(
-        f"tokens must have shape (batch, length); got {tokens_BxL.shape}"
+        "tokens_BxL must have shape (batch, length) with length >= 1; got "
+        f"{tokens_BxL.shape}"
       )
+    check_token_ids(tokens_BxL, cfg.vocab_size, "tokens_BxL")
     length = tokens_BxL.shape[1]
     if length > cfg.max_len:
       raise ValueError(
@@ -397,11 +597,16 @@ class Transformer(nnx.Module):
     if dropout_key is not None:
       embed_key = jax.random.fold_in(dropout_key, cfg.num_layers)
       x_BxLxD = _dropout(x_BxLxD, cfg.dropout, embed_key, 0)
-    call = nnx.remat(_block_call) if cfg.remat else _block_call
     x_BxLxD = _constrain_batch(x_BxLxD)
-    for i, block in enumerate(self.blocks):
-      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x_BxLxD = _constrain_batch(call(block, x_BxLxD, mask_Bx1xLxL, key))
+    if cfg.scan_layers:
+      x_BxLxD = self._scan_blocks(x_BxLxD, mask_Bx1xLxL, dropout_key)
+    else:
+      call = _block_fn(cfg, in_scan=False)
+      for i, block in enumerate(self.blocks):
+        key = (
+          None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+        )
+        x_BxLxD = _constrain_batch(call(block, x_BxLxD, mask_Bx1xLxL, key))
     x_BxLxD = self.ln_f(x_BxLxD)
     if self.head is None:
       logits = jnp.einsum(
@@ -419,6 +624,34 @@ class Transformer(nnx.Module):
       )
     return logits.astype(jnp.float32)
 
+  def _scan_blocks(self, x_BxLxD, mask_Bx1xLxL, dropout_key):
+    """The stacked blocks applied in order by one ``lax.scan``.
+
+    Layer ``i`` draws dropout from ``fold_in(dropout_key, i)``, as in the
+    unrolled loop, so both layouts compute the same function.
+    """
+    call = _block_fn(self.cfg, in_scan=True)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x, inputs):
+      state, i = inputs
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      block = nnx.merge(graphdef, state)
+      return _constrain_batch(call(block, x, mask_Bx1xLxL, key)), None
+
+    layers = jnp.arange(self.cfg.num_layers)
+    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (stacked, layers))
+    return x_BxLxD
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The :class:`Transformer` of ``cfg`` with shapes only (nothing allocated).
+
+  For checks that need parameter shapes and logical axes, e.g.
+  :func:`dataweights.sharding.check_divisible`.
+  """
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
 
 def per_token_loss(
   logits_BxLxV: jax.Array,
@@ -429,12 +662,17 @@ def per_token_loss(
 
   Args:
     logits_BxLxV: unnormalised log-probabilities.
-    targets_BxL: integer ids.
+    targets_BxL: integer ids in ``[0, V)``.
     mask_BxL: optional weights (1 = count the token, 0 = ignore).
 
   Returns:
     loss_BxL in float32 (nats).
+
+  Raises:
+    TokenIdError: a target outside ``[0, V)`` (see
+      :mod:`dataweights.models.ids`).
   """
+  check_token_ids(targets_BxL, logits_BxLxV.shape[-1], "targets_BxL")
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   loss_BxL = -jnp.take_along_axis(
     logp_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
@@ -451,7 +689,10 @@ def per_example_loss(
 ) -> jax.Array:
   """Mean cross-entropy over each example's unmasked tokens.
 
-  An example with no unmasked token gets loss 0 (safe denominator).
+  ``mask_BxL`` weights the targets as given (aligned with ``targets_BxL``);
+  for next-token prediction under padding build it with
+  :func:`next_token_mask`. An example with no unmasked token gets loss 0
+  (safe denominator).
 
   Returns:
     loss_B in float32 (nats per token).
@@ -463,6 +704,26 @@ def per_example_loss(
   return loss_BxL.sum(-1) / jnp.maximum(count_B, 1.0)
 
 
+def next_token_mask(mask_BxL: jax.Array) -> jax.Array:
+  """Weights of the ``L - 1`` next-token predictions of a padded batch.
+
+  Prediction ``t`` reads position ``t`` and predicts token ``t + 1``; it
+  counts only when both are real tokens: ``mask[:, 1:] * (mask[:, :-1] !=
+  0)``. Under left padding this drops the prediction of the first real
+  token from a pad position (``mask[:, 1:]`` alone would count it); under
+  right padding it equals ``mask[:, 1:]``.
+
+  Args:
+    mask_BxL: padding mask or weights (non-zero at real tokens).
+
+  Returns:
+    float32 weights, shape ``(B, L - 1)``.
+  """
+  mask_BxL = jnp.asarray(mask_BxL)
+  real_in_BxL1 = (mask_BxL[:, :-1] != 0).astype(jnp.float32)
+  return mask_BxL[:, 1:].astype(jnp.float32) * real_in_BxL1
+
+
 def next_token_loss(
   model: Transformer,
   tokens_BxL: jax.Array,
@@ -472,12 +733,15 @@ def next_token_loss(
 ) -> jax.Array:
   """Per-example language-modelling loss: predict ``tokens[:, 1:]``.
 
-  The model reads ``tokens[:, :-1]``; the loss averages over target
-  positions whose mask is set (``mask[:, 1:]``).
+  The model reads ``tokens[:, :-1]`` (attending only to real tokens when a
+  mask is given); the loss averages over the predictions whose input and
+  target are both real tokens (:func:`next_token_mask`), so a left- or
+  right-padded sequence has the loss of its unpadded tokens (up to the
+  positions of the learned position embedding).
 
   Args:
     model: the transformer.
-    tokens_BxL: token ids, ``L - 1 <= max_len``.
+    tokens_BxL: token ids in ``[0, vocab_size)``, ``L - 1 <= max_len``.
     mask_BxL: optional padding mask (true at real tokens).
     dropout_key: optional key enabling dropout.
 
@@ -488,5 +752,5 @@ def next_token_loss(
   targets_BxL = tokens_BxL[:, 1:]
   in_mask = None if mask_BxL is None else mask_BxL[:, :-1]
   logits_BxLxV = model(inputs_BxL, mask_BxL=in_mask, dropout_key=dropout_key)
-  tgt_mask = None if mask_BxL is None else mask_BxL[:, 1:]
+  tgt_mask = None if mask_BxL is None else next_token_mask(mask_BxL)
   return per_example_loss(logits_BxLxV, targets_BxL, tgt_mask)

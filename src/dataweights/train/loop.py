@@ -200,8 +200,17 @@ class Trainer:
 
     A single batch must have ``train_cfg.batch_size`` rows; with named
     batches that holds for ``"train"``, and every array of a batch must have
-    that batch's number of rows.
+    that batch's number of rows. The token ids of host (numpy) data are
+    checked to lie in ``[0, model_cfg.vocab_size)`` before anything reaches
+    a device (ids already on a device are checked inside the model, see
+    :mod:`dataweights.models.ids`).
+
+    Raises:
+      ValueError: a wrong number of rows.
+      TokenIdError: a token id out of range (naming it, its position and
+        the vocabulary size).
     """
+    vocab_size = getattr(self.model_cfg, "vocab_size", None)
     named = "train" in batch and isinstance(batch["train"], dict)
     batches = batch if named else {"train": batch}
     placed = {}
@@ -219,6 +228,11 @@ class Trainer:
             f"batch {name!r}: {key!r} has shape {x.shape}; every array must "
             f"have {what} = {want} rows"
           )
+      tokens = arrays.get("tokens_BxL")
+      if isinstance(tokens, np.ndarray) and vocab_size is not None:
+        from dataweights.models.ids import check_token_ids
+
+        check_token_ids(tokens, vocab_size, f"batch {name!r}: 'tokens_BxL'")
       if self.mesh is not None:
         from dataweights import sharding
 

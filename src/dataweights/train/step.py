@@ -60,27 +60,33 @@ def lm_loss(
 ) -> jax.Array:
   """Per-example next-token cross-entropy (nats/token), the default loss.
 
-  The model reads ``tokens_BxL[:, :-1]`` under plain causal attention and
-  predicts ``tokens_BxL[:, 1:]``; ``mask_BxL[:, 1:]`` (if present) selects
-  the target tokens that count. Right padding needs no attention mask: a
-  causal model never looks at later (padded) positions.
+  The model reads ``tokens_BxL[:, :-1]`` and predicts ``tokens_BxL[:, 1:]``.
+  With a ``mask_BxL`` (true, or a weight, at real tokens) the model also
+  gets ``mask_BxL=mask_BxL[:, :-1]`` (real tokens never attend to padding,
+  whichever side it is on) and a prediction counts only when its input and
+  its target are real tokens
+  (:func:`~dataweights.models.transformer.next_token_mask`): a left- or
+  right-padded row has the loss of its real tokens alone.
 
   Args:
-    model: a model mapping ``tokens_BxL`` to ``logits_BxLxV``; given a
+    model: a model mapping ``tokens_BxL`` to ``logits_BxLxV`` that accepts
+      a ``mask_BxL`` keyword when the batch has a mask, and a
       ``dropout_key`` keyword when ``key`` is not None.
-    batch: ``{"tokens_BxL": int, "mask_BxL": optional loss mask}``.
+    batch: ``{"tokens_BxL": int, "mask_BxL": optional padding mask}``.
     key: dropout key or None.
 
   Returns:
     loss_B, float32.
   """
-  from dataweights.models.transformer import per_example_loss
+  from dataweights.models.transformer import next_token_mask, per_example_loss
 
   tokens_BxL = batch["tokens_BxL"]
   mask_BxL = batch.get("mask_BxL")
   kwargs = {} if key is None else {"dropout_key": key}
+  if mask_BxL is not None:
+    kwargs["mask_BxL"] = mask_BxL[:, :-1]
   logits_BxLxV = model(tokens_BxL[:, :-1], **kwargs)
-  target_mask = None if mask_BxL is None else mask_BxL[:, 1:]
+  target_mask = None if mask_BxL is None else next_token_mask(mask_BxL)
   return per_example_loss(logits_BxLxV, tokens_BxL[:, 1:], target_mask)
 
 

@@ -1,0 +1,1 @@
+"""Peer implementations the LM benchmark compares against (not the library)."""
