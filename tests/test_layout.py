@@ -17,7 +17,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "dataweights"
 
 LAYER = {
-  "types": 0, "configs": 0,
+  "types": 0, "configs": 0, "errors": 0, "weights": 0,
   "sharding": 0.5,  # meshes and logical-axis rules: below the models
   "data": 1, "models": 1, "metrics": 1,
   "methods": 2,

@@ -207,7 +207,7 @@ def test_bad_inputs_are_clear_errors():
   with pytest.raises(ValueError, match="needs the batch"):
     trainer.run({"train": _sources()["train"]})
   # Weights of the wrong length reach the sampler's check.
-  with pytest.raises(ValueError, match=r"weights have shape \(4,\); expected shape \(3,\)"):
+  with pytest.raises(ValueError, match=r"weights \[.*\] have shape \(4,\); expected shape \(3,\)"):
     _trainer(method=Trivial(num_weights=4)).run(_sources())
   with pytest.raises(FeederError, match="needs a 'train' source"):
     Feeder({"valid": _sources()["valid"]})

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dataweights.errors import WeightsError
 from dataweights.methods import bilevel, mixing, simplex
 from dataweights.methods.mixing import MixingError, NonFiniteHypergradientError
 
@@ -259,19 +260,19 @@ def test_natural_and_uniform_weights():
   for bad in (0, -2, 1.5, True):
     with pytest.raises(MixingError, match=f"K = {bad!r}"):
       mixing.uniform_weights(bad)
-  with pytest.raises(MixingError, match=r"\[10\.0, 0\.0, 5\.0\]"):
+  with pytest.raises(WeightsError, match=r"\[10\. +0\. +5\.\]"):
     mixing.natural_weights([10, 0, 5])
-  with pytest.raises(MixingError, match=r"\[-1\.0, 2\.0\]"):
+  with pytest.raises(WeightsError, match=r"\[-1\. +2\.\]"):
     mixing.natural_weights([-1, 2])
-  with pytest.raises(MixingError, match="nan"):
+  with pytest.raises(WeightsError, match="nan"):
     mixing.natural_weights([np.nan, 2])
-  with pytest.raises(MixingError, match="1-D"):
+  with pytest.raises(WeightsError, match="1-D"):
     mixing.natural_weights([[1, 2]])
 
 
 _BAD = [
-  (dict(w0_K=[0.5, 0.6, 0.1]), r"w0_K is invalid.*sum to 1\.2"),
-  (dict(w0_K=[1.2, -0.1, -0.1]), r"w0_K is invalid.*negative"),
+  (dict(w0_K=[0.5, 0.6, 0.1]), r"w0_K \[.*\] sum to 1\.2, not 1"),
+  (dict(w0_K=[1.2, -0.1, -0.1]), r"w0_K .* have negative entries at \[1, 2\]"),
   (dict(w0_K=[0.5, 0.5]), r"shape \(2,\)"),  # K mismatch
   (dict(T=0), r"T = 0 is invalid"),
   (dict(T=2.5), r"T = 2\.5 is invalid"),

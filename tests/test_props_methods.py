@@ -22,6 +22,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from dataweights.errors import WeightsError
 from dataweights.methods import bilevel, mixing, simplex
 from dataweights.methods.mixing import MixingError, NonFiniteHypergradientError
 from props import anything, examples, faulty_args, outcome
@@ -148,7 +149,7 @@ def test_run_mixing_finite_or_names_the_argument(case):
   w0_K = kwargs.pop("w0_K")
   try:
     trace = mixing.run_mixing(PROBLEM, P0, w0_K, **kwargs)
-  except MixingError as e:
+  except (MixingError, WeightsError) as e:
     outcome("MixingError")
     assert any(k in str(e) for k in [*kwargs, "w0_K"]), str(e)
     assert faulty, (kwargs, w0_K, str(e))
@@ -187,7 +188,7 @@ def test_train_fixed_finite_or_names_the_argument(case):
   w_K = kwargs.pop("w_K")
   try:
     params, val = mixing.train_fixed(PROBLEM, P0, w_K, **kwargs)
-  except MixingError as e:
+  except (MixingError, WeightsError) as e:
     outcome("MixingError")
     assert any(k in str(e) for k in ("N", "lr", "w_K", "eval_every")), str(e)
     assert faulty, str(e)
@@ -204,7 +205,7 @@ def test_train_fixed_finite_or_names_the_argument(case):
 def test_weight_baselines_or_mixing_error(k, counts):
   try:
     w = mixing.uniform_weights(k)
-  except MixingError as e:
+  except (MixingError, WeightsError) as e:
     outcome("uniform_weights: MixingError")
     assert "K" in str(e)
   else:
@@ -212,7 +213,7 @@ def test_weight_baselines_or_mixing_error(k, counts):
     assert _on_simplex(w)
   try:
     w = mixing.natural_weights(counts)
-  except MixingError as e:
+  except (MixingError, WeightsError) as e:
     outcome("natural_weights: MixingError")
     assert "counts_K" in str(e)
   else:

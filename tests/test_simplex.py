@@ -45,7 +45,7 @@ def test_check_simplex_accepts_valid_weights():
     ([1.5, np.inf], r"non-finite entries at \[1\]"),
     ([1.2, -0.2], r"\[ 1\.2 -0\.2\] have negative entries at \[1\]"),
     ([0.3, 0.3], r"\[0\.3 0\.3\] sum to 0\.6, not 1"),
-    (["a", "b"], r"not numeric"),
+    (["a", "b"], r"\['a', 'b'\] are not numbers"),
   ],
 )
 def test_check_simplex_rejects_and_names_the_vector(w, pattern):

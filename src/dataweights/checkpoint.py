@@ -38,8 +38,8 @@ FORMAT_VERSION = 2
 _STATE, _HOST = "state", "host"
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, corrupt, or does not fit this run."""
+# One CheckpointError for training checkpoints and pretrained weights alike.
+from dataweights.errors import CheckpointError  # noqa: E402, F401
 
 
 @dataclasses.dataclass(frozen=True)

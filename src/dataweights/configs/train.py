@@ -68,6 +68,11 @@ class TrainConfig:
     b1: Adam first-moment decay, or SGD momentum (0 disables momentum).
     b2: Adam second-moment decay.
     eps: Adam epsilon.
+    eps_root: added to Adam's second moment under the square root; a tiny
+      value (1e-30) leaves every update unchanged except where a gradient
+      is ~0, and makes the update differentiable there (hypergradients
+      through optimiser steps, e.g. finite-horizon mixing, are NaN
+      otherwise: d sqrt(v)/dv is infinite at v = 0).
     seed: seed of the model initialisation and of the step RNG key.
     checkpoint_dir: where to keep checkpoints; ``None`` disables them.
     checkpoint_every: save every this many steps (and at the last step).
@@ -91,6 +96,7 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
+  eps_root: float = 0.0
   seed: int = 0
   checkpoint_dir: str | None = None
   checkpoint_every: int = 100
@@ -109,6 +115,7 @@ class TrainConfig:
     check_in_range(self, "b1", 0.0, 0.999999)
     check_in_range(self, "b2", 0.0, 0.999999)
     check_positive(self, "eps")
+    check_positive(self, "eps_root", allow_zero=True)
     check_int(self, "steps", "batch_size", "accumulation_steps")
     check_int(self, "checkpoint_every", "keep_checkpoints", "log_every")
     check_int(self, "warmup_steps", "eval_every", "seed", minimum=0)

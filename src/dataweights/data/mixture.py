@@ -5,11 +5,23 @@ normalised; sampling is deterministic so resume is exact) with two changes
 the online reweighting methods need: the weights ``w_K`` may be replaced at
 every step, and every batch says which domain each row came from.
 
-**Determinism.** The domains of step ``s`` are ``B`` independent draws from
-``Categorical(w_K)`` (the weights in force at that step) with the generator
+**Draws.** ``draw="iid"`` (the default): the domains of step ``s`` are
+``B`` independent draws from ``Categorical(w_K)``. ``draw="stratified"``:
+every batch holds ``floor(B w_k)`` or ``ceil(B w_k)`` rows of domain ``k``,
+``B`` in all: the floors, plus the ``B - sum_k floor(B w_k)`` leftover rows
+given to domains with probability equal to their remainders ``B w_k -
+floor(B w_k)`` (systematic sampling over a random order of the domains),
+so that ``E[count_k] = B w_k`` exactly; then the rows are shuffled. This is
+largest-remainder apportionment made unbiased: a fixed rule (largest
+remainders first, ties by index) would give the same domains the extra rows
+at every step, e.g. with ``K = 11`` uniform domains and ``B = 16`` the first
+five would get twice the data of the others.
+
+**Determinism.** Either way the draws of step ``s`` use the generator
 ``Generator(Philox(key=SeedSequence([seed, stream, 0]).generate_state(2,
 uint64), counter=[0, 0, 0, s]))``: they depend only on
-``(seed, stream, s, w_K)``, not on earlier weights. Within a domain, rows are
+``(seed, stream, s, w_K)`` (the weights in force at that step), not on
+earlier weights. Within a domain, rows are
 filled by a :class:`~dataweights.data.pipeline.DomainCursor` (a seeded
 permutation per epoch). The full state, :meth:`MixtureSampler.get_state`, is a
 small JSON-able dict (step, weights, one ``[docs_done, offset]`` per domain);
@@ -28,12 +40,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from dataweights import weights as weights_lib
 from dataweights.data import tokenize
 from dataweights.data.pipeline import (
   PACKINGS,
@@ -41,8 +53,10 @@ from dataweights.data.pipeline import (
   DomainSource,
   PipelineConfig,
 )
+from dataweights.weights import check_weights
 
 STATE_FORMAT = "dataweights.mixture/1"
+DRAWS: tuple[str, ...] = ("iid", "stratified")
 
 
 def validate_weights(
@@ -50,68 +64,23 @@ def validate_weights(
 ) -> np.ndarray:
   """Checks mixture weights and returns them as a float64 ``w_K``.
 
-  Args:
-    weights: ``K`` non-negative finite numbers (a list, numpy or JAX array),
-      or a mapping ``{domain name: weight}`` (domains left out get 0).
-    names: the ``K`` domain names, in order.
-    normalise: divide by the sum.
-
-  Returns:
-    ``w_K`` (float64), summing to one if ``normalise``.
+  The library's one weight check
+  (:func:`dataweights.weights.check_weights`) with the sampler's domain
+  names: ``weights`` may be ``K`` non-negative finite numbers or a mapping
+  ``{domain name: weight}`` (domains left out get 0).
 
   Raises:
-    ValueError: wrong shape or length, a non-numeric, negative or non-finite
-      weight, all weights zero, or an unknown domain name; the message names
-      the bad value and what is allowed.
+    WeightsError: wrong shape or length, a non-numeric, negative or
+      non-finite weight, all weights zero, or an unknown domain name.
   """
-  names = list(names)
-  k = len(names)
-  if isinstance(weights, Mapping):
-    unknown = [n for n in weights if n not in names]
-    if unknown:
-      raise ValueError(
-        f"unknown domain {unknown[0]!r} in weights; allowed domains are "
-        + ", ".join(repr(n) for n in names)
-      )
-    weights = [weights.get(n, 0.0) for n in names]
-  try:
-    w_K = np.asarray(weights, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(
-      f"weights {weights!r} are not numbers; expected {k} non-negative "
-      f"finite numbers (one per domain: {', '.join(names)})"
-    ) from e
-  if w_K.shape != (k,):
-    raise ValueError(
-      f"weights have shape {w_K.shape}; expected shape ({k},), one weight per "
-      f"domain ({', '.join(names)})"
-    )
-  for i, w in enumerate(w_K.tolist()):
-    if not math.isfinite(w) or w < 0:
-      raise ValueError(
-        f"weights[{i}] = {w!r} (domain {names[i]!r}) is invalid; weights "
-        "must be finite and >= 0"
-      )
-  if not w_K.max() > 0:
-    raise ValueError(
-      f"weights {w_K.tolist()} sum to 0; at least one weight must be > 0"
-    )
-  if not normalise:
-    return w_K
-  with np.errstate(over="ignore"):
-    total = float(w_K.sum())
-  if not math.isfinite(total):
-    # Large finite weights whose sum overflows: scale by the largest first
-    # (dividing by an inf sum would turn every weight into 0).
-    w_K = w_K / w_K.max()
-    total = float(w_K.sum())
-  return w_K / total
+  return check_weights(weights, names=list(names), normalise=normalise)
 
 
 def natural_weights(domains: Sequence[DomainSource]) -> np.ndarray:
   """Weights proportional to each domain's number of documents."""
-  n_K = np.array([len(d) for d in domains], dtype=np.float64)
-  return n_K / n_K.sum()
+  return weights_lib.natural_weights(
+    [len(d) for d in domains], what="domain document counts"
+  )
 
 
 class MixtureSampler:
@@ -127,9 +96,11 @@ class MixtureSampler:
       :func:`natural_weights`.
     stream: an integer that makes this sampler's randomness independent of
       another sampler's with the same seed (e.g. generic vs specific).
+    draw: ``"iid"`` (independent rows) or ``"stratified"`` (per-batch
+      counts ``floor`` or ``ceil`` of ``B w_k``; see the module docstring).
 
   Raises:
-    ValueError: no domains, duplicate names, bad sizes or weights.
+    ValueError: no domains, duplicate names, bad sizes, weights or draw.
   """
 
   def __init__(
@@ -142,6 +113,7 @@ class MixtureSampler:
     seed: int = 0,
     weights: Any = None,
     stream: int = 0,
+    draw: str = "iid",
   ):
     domains = list(domains)
     if not domains:
@@ -169,6 +141,12 @@ class MixtureSampler:
         f"packing = {packing!r} is invalid; allowed values are "
         + ", ".join(repr(p) for p in PACKINGS)
       )
+    if draw not in DRAWS:
+      raise ValueError(
+        f"draw = {draw!r} is invalid; allowed values are "
+        + ", ".join(repr(d) for d in DRAWS)
+      )
+    self.draw = draw
     self.domains = domains
     self.names: tuple[str, ...] = tuple(names)
     self.batch_size, self.seq_len = int(batch_size), int(seq_len)
@@ -234,6 +212,8 @@ class MixtureSampler:
     rng = np.random.Generator(
       np.random.Philox(key=self._step_key, counter=[0, 0, 0, int(step)])
     )
+    if self.draw == "stratified":
+      return _stratified_domains(w_K, self.batch_size, rng)
     # Inverse-CDF draws: B uniforms, searchsorted in the cumulative weights.
     cdf_K = np.cumsum(w_K)
     cdf_K /= cdf_K[-1]
@@ -263,10 +243,23 @@ class MixtureSampler:
     tokens_BxL = np.full(
       (self.batch_size, self.seq_len), tokenize.PAD_ID, dtype=np.int32
     )
-    n_B = np.empty(self.batch_size, dtype=np.int64)
     cursors, packing = self._cursors, self.packing
-    for b, d in enumerate(domain_B.tolist()):
-      n_B[b] = cursors[d].fill(tokens_BxL[b], packing)
+    if packing == "pack":
+      # Rows of one domain are consecutive pieces of its stream, in batch
+      # order: one take() per domain (the same rows as a fill() per row).
+      order_B = np.argsort(domain_B, kind="stable")
+      count_K = np.bincount(domain_B, minlength=self.num_domains)
+      start, seq_len = 0, self.seq_len
+      for d in np.flatnonzero(count_K).tolist():
+        c = int(count_K[d])
+        rows = order_B[start : start + c]
+        start += c
+        tokens_BxL[rows] = cursors[d].take(c * seq_len).reshape(c, seq_len)
+      n_B = np.full(self.batch_size, seq_len, dtype=np.int64)
+    else:
+      n_B = np.empty(self.batch_size, dtype=np.int64)
+      for b, d in enumerate(domain_B.tolist()):
+        n_B[b] = cursors[d].fill(tokens_BxL[b], packing)
     mask_BxL = np.arange(self.seq_len)[None, :] < n_B[:, None]
     self.step += 1
     return {
@@ -283,6 +276,7 @@ class MixtureSampler:
 
   def _config(self) -> dict[str, Any]:
     return {
+      "draw": self.draw,
       "seed": self.seed,
       "stream": self.stream,
       "batch_size": self.batch_size,
@@ -321,7 +315,8 @@ class MixtureSampler:
         f"{STATE_FORMAT!r} from MixtureSampler.get_state()"
       )
     for key, mine in self._config().items():
-      saved = state.get(key)
+      # States saved before stratified draws existed were i.i.d.
+      saved = state.get(key, "iid" if key == "draw" else None)
       if saved != mine:
         raise ValueError(
           f"saved sampler state has {key} = {saved!r} but this sampler has "
@@ -348,6 +343,29 @@ class MixtureSampler:
     self.step, self._w_K = step, w_K
 
 
+def _stratified_domains(
+  w_K: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> np.ndarray:
+  """``floor``/``ceil`` of ``B w_K`` rows per domain, unbiased, shuffled."""
+  target_K = batch_size * w_K
+  count_K = np.floor(target_K).astype(np.int64)
+  left = batch_size - int(count_K.sum())
+  if left > 0:
+    # Systematic sampling: the remainders tile [0, left) in a random domain
+    # order; the points u, u + 1, ..., u + left - 1 each pick the domain
+    # whose tile holds them. A tile is shorter than 1, so a domain gets at
+    # most one extra row, with probability equal to its remainder.
+    order_K = rng.permutation(w_K.shape[0])
+    rem_K = (target_K - count_K)[order_K]
+    cum_K1 = np.concatenate([[0.0], np.cumsum(rem_K)])
+    cum_K1 *= left / cum_K1[-1]  # the remainders sum to `left` up to round-off
+    u = rng.random()
+    extra_K = np.ceil(cum_K1[1:] - u) - np.ceil(cum_K1[:-1] - u)
+    count_K[order_K] += extra_K.astype(np.int64)
+  domain_B = np.repeat(np.arange(w_K.shape[0]), count_K)
+  return rng.permutation(domain_B).astype(np.int32)
+
+
 class FilterStreams:
   """The two streams of online data selection (Grangier et al., §2).
 
@@ -365,8 +383,8 @@ class FilterStreams:
       :func:`natural_weights` (the pool as it comes).
 
   Raises:
-    ValueError: the specific domain is also in the generic pool, or bad
-      weights.
+    ValueError: the specific domain is also in the generic pool, holds fewer
+      tokens than one specific batch, or bad weights.
   """
 
   def __init__(
@@ -380,6 +398,14 @@ class FilterStreams:
       raise ValueError(
         f"specific domain {specific.name!r} is also in the generic pool; "
         "keep the target out of the generic domains"
+      )
+    need = cfg.specific_batch_size * cfg.seq_len
+    have = specific.num_tokens()
+    if have < need:
+      raise ValueError(
+        f"specific domain {specific.name!r} has {have} tokens, fewer than one "
+        f"specific batch of {cfg.specific_batch_size} x {cfg.seq_len} = {need} "
+        "tokens; use a smaller specific batch or a larger specific set"
       )
     common = dict(seq_len=cfg.seq_len, packing=cfg.packing, seed=cfg.seed)
     self.generic = MixtureSampler(
@@ -444,6 +470,7 @@ def train_sampler(
   cfg: PipelineConfig,
   weights: Any = None,
   stream: int = 0,
+  draw: str = "iid",
 ) -> MixtureSampler:
   """A :class:`MixtureSampler` with ``cfg``'s training shapes (B x L)."""
   return MixtureSampler(
@@ -454,4 +481,5 @@ def train_sampler(
     seed=cfg.seed,
     weights=weights,
     stream=stream,
+    draw=draw,
   )

@@ -342,6 +342,7 @@ class DomainCursor:
     self._epoch = -1
     self._perm_N: np.ndarray | None = None
     self._cached: tuple[int, np.ndarray] | None = None
+    self._stream: tuple[int, np.ndarray, np.ndarray] | None = None
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The document order of ``epoch`` (indices into the source)."""
@@ -384,6 +385,39 @@ class DomainCursor:
       if packing == "pad":
         break
     return pos
+
+  def take(self, n: int) -> np.ndarray:
+    """The next ``n`` tokens of the domain's stream (``"pack"`` rows).
+
+    ``take(k * L).reshape(k, L)`` equals ``k`` calls of :meth:`fill` in
+    ``"pack"`` mode, with one Python iteration per document instead of per
+    row.
+    """
+    out_N = np.empty(n, np.int32)
+    pos = 0
+    while pos < n:
+      epoch, j = divmod(self.docs_done, self._n)
+      stream_T, starts_N1 = self._epoch_stream(epoch)
+      cur = int(starts_N1[j]) + self.offset
+      take = min(n - pos, stream_T.shape[0] - cur)
+      out_N[pos : pos + take] = stream_T[cur : cur + take]
+      pos += take
+      cur += take
+      if cur == stream_T.shape[0]:
+        self.docs_done, self.offset = (epoch + 1) * self._n, 0
+      else:
+        k = int(np.searchsorted(starts_N1, cur, side="right")) - 1
+        self.docs_done, self.offset = epoch * self._n + k, cur - int(starts_N1[k])
+    return out_N
+
+  def _epoch_stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch ``epoch``'s documents concatenated, and their start offsets."""
+    if self._stream is None or self._stream[0] != epoch:
+      docs = [self.source[int(i)] for i in self.permutation(epoch)]
+      lengths = np.array([d.shape[0] for d in docs], np.int64)
+      starts_N1 = np.concatenate([[0], np.cumsum(lengths)])
+      self._stream = (epoch, np.concatenate(docs).astype(np.int32), starts_N1)
+    return self._stream[1], self._stream[2]
 
   def get_state(self) -> list[int]:
     """``[docs_done, offset]``."""

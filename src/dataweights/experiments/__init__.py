@@ -6,9 +6,15 @@ factory, ``run(cfg) -> dict``, plot and summary; a chapter calls
 every published result in :data:`dataweights.experiments.registry.REGISTRY`.
 
   ch1   data mixing over a finite horizon
+  ch2   learned domain mixtures for a language model
+  ch3   online data filtering with a weighting network
 """
 
-from dataweights.experiments import ch1  # noqa: F401  (imported to register)
+from dataweights.experiments import (  # noqa: F401  (imported to register)
+  ch1,
+  ch2,
+  ch3,
+)
 from dataweights.experiments.registry import (
   REGISTRY,
   Published,

@@ -41,6 +41,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
+from dataweights.errors import WeightsError
 from dataweights.types import Batch, Params
 
 
@@ -96,7 +97,7 @@ def _check_batches(batches: Batch | None, T: int) -> None:
 def _check_w(w_K: ArrayLike) -> jax.Array:
   w_K = jnp.asarray(w_K)
   if w_K.ndim != 1:
-    raise ValueError(
+    raise WeightsError(
       f"w_K must be 1-D (one weight per domain); got shape {w_K.shape}"
     )
   if not jnp.issubdtype(w_K.dtype, jnp.floating):

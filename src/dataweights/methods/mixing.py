@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from dataweights import weights as weights_lib
+from dataweights.errors import WeightsError
 from dataweights.methods import bilevel, simplex
 from dataweights.types import Batch, Params, PRNGKey
 
@@ -89,33 +91,13 @@ def uniform_weights(K: int) -> jax.Array:
 
 
 def natural_weights(counts_K: ArrayLike) -> jax.Array:
-  """Weights proportional to the domain sizes, ``w_j = n_j / Σ_i n_i``.
-
-  Args:
-    counts_K: number of examples per domain, shape ``(K,)``, finite and > 0.
-
-  Returns:
-    ``w_K``, shape ``(K,)``.
+  """Weights proportional to the domain sizes (:func:`dataweights.weights.natural_weights`).
 
   Raises:
-    MixingError: ``counts_K`` not 1-D or with a non-positive or non-finite
+    WeightsError: ``counts_K`` not 1-D or with a non-positive or non-finite
       entry.
   """
-  try:
-    c_K = np.asarray(counts_K, dtype=np.float64)
-  except (TypeError, ValueError):
-    c_K = np.zeros((0,))
-  if c_K.ndim != 1 or c_K.shape[0] < 1:
-    raise MixingError(
-      f"counts_K = {counts_K!r} is invalid; expected a 1-D array of K >= 1 "
-      "positive domain sizes"
-    )
-  if not np.all(np.isfinite(c_K)) or np.any(c_K <= 0):
-    raise MixingError(
-      f"counts_K = {c_K.tolist()} is invalid; every domain size must be a "
-      "finite number > 0"
-    )
-  return jnp.asarray(c_K / c_K.sum(), dtype=jnp.result_type(float))
+  return jnp.asarray(weights_lib.natural_weights(counts_K), dtype=jnp.result_type(float))
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -263,11 +245,8 @@ def _check_finite_trace(trace: MixingTrace, lr: object, beta: object) -> None:
 
 
 def _check_weights(name: str, w_K: ArrayLike) -> jax.Array:
-  """``w_K`` on the simplex, as a float array; else a MixingError naming it."""
-  try:
-    w_K = simplex.check_simplex(w_K)
-  except simplex.SimplexError as e:
-    raise MixingError(f"{name} is invalid: {e}") from e
+  """``w_K`` on the simplex, as a float array; else a WeightsError naming it."""
+  w_K = simplex.check_simplex(w_K, what=name)
   if not jnp.issubdtype(w_K.dtype, jnp.floating):
     w_K = w_K.astype(jnp.result_type(float))
   return w_K
@@ -303,7 +282,7 @@ def _check_num_domains(
   batch_fn: Callable[[PRNGKey], Batch] | None,
   name: str,
 ) -> None:
-  """MixingError unless ``problem.domain_losses`` gives one loss per weight.
+  """WeightsError unless ``problem.domain_losses`` gives one loss per weight.
 
   Checked on shapes only (``jax.eval_shape``: nothing is computed).
   """
@@ -316,7 +295,7 @@ def _check_num_domains(
 
   out = jax.eval_shape(losses, params0, jax.random.key(0))
   if out.shape != w_K.shape:
-    raise MixingError(
+    raise WeightsError(
       f"{name} has shape {w_K.shape} but problem.domain_losses returns "
       f"shape {out.shape}; {name} needs one weight per domain"
     )
@@ -395,8 +374,9 @@ def run_mixing(
     A :class:`MixingTrace`.
 
   Raises:
-    MixingError: ``w0_K`` off the simplex or not one weight per domain of
-      ``problem``, ``T < 1``, ``N < T``,
+    WeightsError: ``w0_K`` off the simplex or not one weight per domain of
+      ``problem``.
+    MixingError: ``T < 1``, ``N < T``,
       non-integer ``T`` or ``N``, ``lr`` or ``beta`` not finite and > 0,
       unknown ``outer`` or ``hypergrad``, or a missing key.
     NonFiniteHypergradientError: the run diverged; the message gives the
@@ -519,8 +499,8 @@ def train_fixed(
     steps ``0, S, 2S, ..., N`` (``N / S + 1`` entries).
 
   Raises:
-    MixingError: bad ``w_K`` (off the simplex, or not one weight per
-      domain), ``lr``, ``N`` or ``eval_every``, ``N`` not a
+    WeightsError: ``w_K`` off the simplex, or not one weight per domain.
+    MixingError: bad ``lr``, ``N`` or ``eval_every``, ``N`` not a
       multiple of ``eval_every``, or a missing key.
   """
   N = _check_int("N", N, 1)

@@ -21,75 +21,50 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from dataweights.errors import WeightsError
+from dataweights.weights import check_weights
+
 try:  # optax >= 0.2.3
   from optax.projections import projection_simplex as _optax_projection_simplex
 except ImportError:  # pragma: no cover - depends on the optax version
   _optax_projection_simplex = None
 
 
-class SimplexError(ValueError):
-  """A weight vector is not a valid point of the probability simplex."""
+SimplexError = WeightsError
+"""Weights off the simplex: the library's one :class:`~dataweights.errors.WeightsError`."""
 
 
-def _fmt(x: np.ndarray) -> str:
-  return np.array2string(np.asarray(x), precision=6, threshold=20)
-
-
-def check_simplex(w_K: ArrayLike, *, atol: float = 1e-5) -> jax.Array:
+def check_simplex(
+  w_K: ArrayLike, *, atol: float = 1e-5, what: str = "weights"
+) -> jax.Array:
   """Checks that ``w_K`` lies on the probability simplex.
 
-  The check needs concrete values; inside ``jax.jit`` (a tracer) only the
-  rank is checked and the array is returned unchanged.
+  The check (:func:`dataweights.weights.check_weights`) needs concrete
+  values; inside ``jax.jit`` (a tracer) only the rank is checked and the
+  array is returned unchanged.
 
   Args:
     w_K: candidate weights, shape ``(K,)``.
     atol: tolerance on ``|Σ_j w_j − 1|`` and on negative entries
       (entries ``>= −atol`` are accepted).
+    what: how the message calls the weights.
 
   Returns:
     ``w_K`` as a ``jax.Array``.
 
   Raises:
-    SimplexError: if ``w_K`` is not 1-D with ``K >= 1``, has a non-finite
+    WeightsError: if ``w_K`` is not 1-D with ``K >= 1``, has a non-finite
       or negative entry, or does not sum to 1 within ``atol``. The message
       shows the vector and what is allowed.
   """
-  allowed = (
-    "a 1-D array of K >= 1 finite, non-negative weights summing to 1 "
-    f"(atol={atol:g})"
-  )
   if isinstance(w_K, jax.core.Tracer):
     if w_K.ndim != 1 or w_K.shape[0] < 1:
-      raise SimplexError(
-        f"weights of shape {w_K.shape} are invalid; expected {allowed}"
+      raise WeightsError(
+        f"{what} of shape {w_K.shape} are invalid; expected a 1-D array of "
+        "K >= 1 weights"
       )
     return w_K
-  try:
-    w_np = np.asarray(w_K, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise SimplexError(
-      f"weights {w_K!r} are not numeric; expected {allowed}"
-    ) from e
-  if w_np.ndim != 1 or w_np.shape[0] < 1:
-    raise SimplexError(
-      f"weights {_fmt(w_np)} have shape {w_np.shape}; expected {allowed}"
-    )
-  if not np.all(np.isfinite(w_np)):
-    bad = np.flatnonzero(~np.isfinite(w_np)).tolist()
-    raise SimplexError(
-      f"weights {_fmt(w_np)} have non-finite entries at {bad}; "
-      f"expected {allowed}"
-    )
-  if np.any(w_np < -atol):
-    bad = np.flatnonzero(w_np < -atol).tolist()
-    raise SimplexError(
-      f"weights {_fmt(w_np)} have negative entries at {bad}; expected {allowed}"
-    )
-  total = float(w_np.sum())
-  if abs(total - 1.0) > atol:
-    raise SimplexError(
-      f"weights {_fmt(w_np)} sum to {total:.8g}, not 1; expected {allowed}"
-    )
+  check_weights(w_K, atol=atol, what=what)
   return jnp.asarray(w_K)
 
 

@@ -55,9 +55,8 @@ PREFIX = "transformer."
 _IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint whose keys, shapes or config do not fit the model."""
-
+# One CheckpointError for training checkpoints and pretrained weights alike.
+from dataweights.errors import CheckpointError  # noqa: E402, F401
 
 # How each Hugging Face GPT2Config field is treated. Keys of config.json
 # outside every table are refused unless strict=False.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,7 +33,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
-from tqdm.auto import tqdm
+
+with warnings.catch_warnings():
+  # tqdm.auto warns at import in a notebook without ipywidgets (and then uses
+  # the text bar); chapters train with progress=False, so the warning would
+  # only clutter their pages.
+  warnings.filterwarnings("ignore", message="IProgress not found")
+  from tqdm.auto import tqdm
 
 from dataweights import metrics as metrics_lib
 from dataweights.checkpoint import CheckpointError, CheckpointManager
@@ -156,10 +163,11 @@ class Trainer:
     extra = dict(extra or {})
     if method is not None:
       params = nnx.state(model, nnx.Param)
-      extra["method"] = method.init(
+      extra["method"] = method.init_for_run(
         params,
         jax.random.fold_in(jax.random.key(train_cfg.seed), 0x6D657468),
         None if self.domain_names is None else len(self.domain_names),
+        tx,
       )
     state, static, shardings = init_train_state(
       model, tx, seed=train_cfg.seed, extra=extra

@@ -6,6 +6,7 @@ calls its hooks in this order::
 
   batch, weight_B, mstate = method.select(mstate, ctx)       # which rows, how weighted
   loss_B, grads = loss_and_grads(params, batch, weight_B)    # the model's gradient
+                                                             # (or the method's own)
   grads, mstate, m = method.update(mstate, ctx, grads, ...)  # meta-steps; may change grads
   params, opt_state = apply_gradients(grads)                 # the optimiser
   mstate, m2 = method.post_update(mstate, ctx, new_params)   # look-ahead rules
@@ -63,6 +64,12 @@ class StepContext:
       the weighted mean loss and its gradient, accumulated over microbatches
       exactly like the main step.
     num_domains: K, when the run has named domains (else None).
+    opt_state: the optimiser state before the update (a method that replays
+      optimiser steps, e.g. finite-horizon mixing, keeps a copy).
+    tx: the optax transformation the step applies.
+    model_fn: ``model_fn(params) -> nnx.Module``, the model with these
+      parameters (for outputs other than per-example losses: per-token
+      losses, features).
   """
 
   step: jax.Array
@@ -73,6 +80,9 @@ class StepContext:
   loss_fn: Callable[..., jax.Array]
   grad_fn: Callable[..., tuple[jax.Array, jax.Array, Params]]
   num_domains: int | None = None
+  opt_state: Any = None
+  tx: Any = None
+  model_fn: Callable[[Params], Any] | None = None
 
 
 class Method:
@@ -91,10 +101,20 @@ class Method:
   batches: tuple[str, ...] = ()
   emits_weights: bool = False
 
-  def init(self, params: Params, key: jax.Array, num_domains: int | None) -> MethodState:
+  def init(
+    self, params: Params, key: jax.Array, num_domains: int | None
+  ) -> MethodState:
     """The initial method state (a pytree of arrays; may be ``{}``)."""
     del params, key, num_domains
     return {}
+
+  def init_for_run(
+    self, params: Params, key: jax.Array, num_domains: int | None, tx: Any
+  ) -> MethodState:
+    """What the trainer calls: :meth:`init`, unless the method needs the
+    optimiser ``tx`` to shape its state (a copy of the optimiser state)."""
+    del tx
+    return self.init(params, key, num_domains)
 
   def select(
     self, mstate: MethodState, ctx: StepContext
@@ -106,6 +126,26 @@ class Method:
       with uniform weights.
     """
     return dict(ctx.batches["train"]), None, mstate
+
+  def loss_and_grads(
+    self,
+    mstate: MethodState,
+    ctx: StepContext,
+    batch: Batch,
+    weight_B: jax.Array,
+    key: jax.Array | None,
+  ) -> tuple[tuple[jax.Array, jax.Array, Params, jax.Array], MethodState] | None:
+    """Optionally computes the model's loss and gradient itself.
+
+    Default ``None``: the step computes them (with gradient accumulation).
+    A method whose meta-step needs derivatives of the same loss at the same
+    point (SOBA: one forward-over-reverse pass gives the gradient, ``H v``
+    and every ``⟨∇ℓ_i, v⟩``) returns ``((loss, loss_B, grads, weight_sum),
+    mstate)`` with ``loss = Σ w ℓ / Σ w`` and ``grads`` its gradient, and
+    then handles accumulation itself.
+    """
+    del mstate, ctx, batch, weight_B, key
+    return None
 
   def update(
     self,
@@ -235,7 +275,9 @@ def state_shardings(
   return jax.tree_util.tree_map_with_path(place, mstate)
 
 
-def check_batches(method: Method, available: tuple[str, ...] | list[str]) -> None:
+def check_batches(
+  method: Method, available: tuple[str, ...] | list[str]
+) -> None:
   """Fails early if the feeder cannot supply a batch the method needs.
 
   Raises:

@@ -70,7 +70,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
   Args:
     cfg: the training config (``optimizer``, ``learning_rate``, schedule
-      fields, ``grad_clip``, ``weight_decay``, ``b1``, ``b2``, ``eps``).
+      fields, ``grad_clip``, ``weight_decay``, ``b1``, ``b2``, ``eps``,
+      ``eps_root``).
 
   Returns:
     An optax gradient transformation. Its state is a pytree of arrays, so it
@@ -83,11 +84,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       b1=cfg.b1,
       b2=cfg.b2,
       eps=cfg.eps,
+      eps_root=cfg.eps_root,
       weight_decay=cfg.weight_decay,
       mask=decay_mask,
     )
   elif cfg.optimizer == "adam":
-    opt = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    opt = optax.adam(
+      schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=cfg.eps_root
+    )
   elif cfg.optimizer == "sgd":
     parts = []
     if cfg.weight_decay:

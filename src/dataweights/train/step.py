@@ -274,14 +274,23 @@ def make_train_step(
       loss_fn=params_loss,
       grad_fn=params_grad,
       num_domains=num_domains,
+      opt_state=state.opt_state,
+      tx=static.tx,
+      model_fn=lambda p: nnx.merge(
+        static.graphdef, p, state.model_state, copy=True
+      ),
     )
     batch, method_weight_B, mstate = method.select(mstate, ctx)
     weight_B = example_weights(batch, state.extra)
     if method_weight_B is not None:
       weight_B = weight_B * jax.lax.stop_gradient(method_weight_B)
-    loss, loss_B, grads, weight_sum = grad_fn(
-      state.params, state.model_state, batch, weight_B, dropout_key
-    )
+    fused = method.loss_and_grads(mstate, ctx, batch, weight_B, dropout_key)
+    if fused is None:
+      loss, loss_B, grads, weight_sum = grad_fn(
+        state.params, state.model_state, batch, weight_B, dropout_key
+      )
+    else:
+      (loss, loss_B, grads, weight_sum), mstate = fused
     raw_grad_norm = metrics_lib.global_norm(grads)
     grads, mstate, m_metrics = method.update(mstate, ctx, grads, loss_B, batch)
     params, opt_state, updates = apply_gradients(
