@@ -8,12 +8,14 @@ every published result in :data:`dataweights.experiments.registry.REGISTRY`.
   ch1   data mixing over a finite horizon
   ch2   learned domain mixtures for a language model
   ch3   online data filtering with a weighting network
+  ch4   LLM-scale data reweighting with ScaleBiO and LISA
 """
 
 from dataweights.experiments import (  # noqa: F401  (imported to register)
   ch1,
   ch2,
   ch3,
+  ch4,
 )
 from dataweights.experiments.registry import (
   REGISTRY,
