@@ -215,6 +215,11 @@ class MixtureConfig(ScaleBiOChapterConfig):
     self._check_common()
     _check_sources(self, "sources")
     _check_source(self, "target")
+    if self.target in self.sources:
+      raise ConfigError(
+        f"MixtureConfig.target = {self.target!r} is also a training source;"
+        " the target must be held out of training (drop it from sources)"
+      )
     check_int(self, "resample_rows", "finetune_steps")
     check_positive(self, "finetune_lr")
 
@@ -254,15 +259,22 @@ _PAPER: dict[str, Any] = dict(
 _NOISE = {"smoke": dict(_SMOKE, partitions=4), "book": {}, "paper": _PAPER}
 _TWO = {"smoke": _SMOKE, "book": dict(steps=100), "paper": _PAPER}
 _MIX = {
-  "smoke": dict(_SMOKE, sources=("chat", "glossary", "scripture"),
-                resample_rows=64, finetune_steps=4),
+  "smoke": dict(
+    _SMOKE,
+    sources=("chat", "glossary", "scripture"),
+    resample_rows=64,
+    finetune_steps=4,
+  ),
   "book": {},
-  "paper": dict(_PAPER, resample_rows=20_000, finetune_steps=2000,
-                finetune_lr=2e-5),
+  "paper": dict(
+    _PAPER, resample_rows=20_000, finetune_steps=2000, finetune_lr=2e-5
+  ),
 }
 
 
-def noise_ordering(profile: str = "book", **overrides: Any) -> NoiseOrderingConfig:
+def noise_ordering(
+  profile: str = "book", **overrides: Any
+) -> NoiseOrderingConfig:
   """Config of ``ch4_noise`` (see :class:`NoiseOrderingConfig`)."""
   return from_profile(NoiseOrderingConfig, _NOISE, profile, overrides)
 

@@ -296,7 +296,9 @@ def scalebio_method(cfg: ScaleBiOChapterConfig) -> ScaleBiO:
   )
 
 
-def _train_cfg(cfg: ScaleBiOChapterConfig, lr: float, steps: int, schedule: str):
+def _train_cfg(
+  cfg: ScaleBiOChapterConfig, lr: float, steps: int, schedule: str
+):
   return train_configs.train(
     cfg.profile if cfg.profile != "smoke" else "smoke",
     learning_rate=lr,
@@ -347,9 +349,7 @@ def run_scalebio(
   samplers = [
     (
       pairs_lib.PairSampler(sets, cfg.batch_size, seed=seed),
-      pairs_lib.PairSampler(
-        [valid], cfg.valid_batch_size, seed=seed, stream=1
-      ),
+      pairs_lib.PairSampler([valid], cfg.valid_batch_size, seed=seed, stream=1),
     )
     for seed in cfg.seeds
   ]
@@ -361,10 +361,26 @@ def run_scalebio(
   keep = [f"method/lambda/{i}" for i in range(k)]
   keep += ["method/val_loss", "method/penalty_gap"]
   _, logged = _run(
-    cfg, graphdef, params, tx, method, k_pad, cfg.seeds, batches, cfg.steps,
-    keep, every, p_init,
-    key=("scalebio", _pretrain_key(cfg), method, train_cfg, cfg.batch_size,
-         cfg.valid_batch_size),
+    cfg,
+    graphdef,
+    params,
+    tx,
+    method,
+    k_pad,
+    cfg.seeds,
+    batches,
+    cfg.steps,
+    keep,
+    every,
+    p_init,
+    key=(
+      "scalebio",
+      _pretrain_key(cfg),
+      method,
+      train_cfg,
+      cfg.batch_size,
+      cfg.valid_batch_size,
+    ),
   )
   lam = np.stack([logged[f"method/lambda/{i}"] for i in range(k)], axis=-1)
   n = lam.shape[0]
@@ -403,8 +419,17 @@ def run_finetune(
     return {"train": samplers[r].batch(s)}
 
   state, _ = _run(
-    cfg, graphdef, params, tx, None, 1, seeds, batches, cfg.finetune_steps,
-    ["loss"], every=cfg.finetune_steps,
+    cfg,
+    graphdef,
+    params,
+    tx,
+    None,
+    1,
+    seeds,
+    batches,
+    cfg.finetune_steps,
+    ["loss"],
+    every=cfg.finetune_steps,
     key=("finetune", _pretrain_key(cfg), train_cfg, cfg.batch_size),
   )
   return state.params
@@ -448,5 +473,7 @@ def t_interval(x: Sequence[float], level: float = 0.95) -> tuple[float, float]:
   x = np.asarray(x, np.float64)
   if x.size < 2:
     return float(x.mean()), math.nan
-  half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+  half = (
+    stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+  )
   return float(x.mean()), float(half)

@@ -70,7 +70,9 @@ def _batch(b: int, seq_len: int, k: int, seed: int) -> dict:
   return pairs_lib.PairSampler(sets, b, seed=seed).batch(0)
 
 
-def measure(cfg: ScaleBiOChapterConfig | str = "book", rounds: int = 10) -> dict:
+def measure(
+  cfg: ScaleBiOChapterConfig | str = "book", rounds: int = 10
+) -> dict:
   """Step-time ratio and memory of ScaleBiO against plain fine-tuning.
 
   Args:
@@ -97,7 +99,9 @@ def measure(cfg: ScaleBiOChapterConfig | str = "book", rounds: int = 10) -> dict
       p0 = nnx.state(model, nnx.Param)
       extra = {"method": method.init(p0, jax.random.key(0), k)}
     state, static, _ = init_train_state(model, tx, seed=0, extra=extra)
-    step = make_train_step(static, domain_names=[str(i) for i in range(k)], method=meth)
+    step = make_train_step(
+      static, domain_names=[str(i) for i in range(k)], method=meth
+    )
     batches = {"train": _batch(cfg.batch_size, cfg.seq_len, k, 0)}
     if meth is not None:
       batches["valid"] = _batch(cfg.valid_batch_size, cfg.seq_len, 1, 1)
@@ -108,7 +112,7 @@ def measure(cfg: ScaleBiOChapterConfig | str = "book", rounds: int = 10) -> dict
   # Interleaved timing: plain, scalebio, plain, scalebio, ...
   ratios, times = [], {"plain": [], "scalebio": []}
   for _ in range(2):  # warm-up
-    for name, (fn, st, b) in steps.items():
+    for _name, (fn, st, b) in steps.items():
       jax.block_until_ready(fn(st, b))
   for _ in range(rounds):
     pair = {}
@@ -168,7 +172,9 @@ def report(res: dict) -> str:
   for name, b in sb.items():
     if name == "params":
       continue
-    lines.append(f"  {name:<16} {b / 1e6:7.2f} MB  ({b / sb['plain']:.2f} x plain)")
+    lines.append(
+      f"  {name:<16} {b / 1e6:7.2f} MB  ({b / sb['plain']:.2f} x plain)"
+    )
   lines.append("  paper: two model copies and two optimiser states (2 x plain)")
   peak = res["xla_peak_bytes"]
   lines.append(

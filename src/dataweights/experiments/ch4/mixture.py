@@ -73,28 +73,30 @@ def run(cfg: configs.MixtureConfig) -> dict[str, Any]:
   loss, pretrained_loss = loss_all[:-1], loss_all[-1]
   n = len(cfg.seeds)
   loss_MxR = loss.reshape(len(MIXTURES), n)
-  return r({
-    "sources": list(cfg.sources),
-    "target": cfg.target,
-    "sizes_K": sizes,
-    "natural_K": weights["natural"],
-    "steps_S": res["steps_S"],
-    "lambda_SxRxK": res["lambda_SxRxK"],
-    "final_lambda_RxK": lam_RxK,
-    "val_loss_SxR": res["val_loss_SxR"],
-    "mixtures": list(MIXTURES),
-    "test_loss_MxR": loss_MxR,
-    "pretrained_test_loss": pretrained_loss,
-    "rows_per_source": {key: v.tolist() for key, v in counts.items()},
-    "response_tokens": {
-      f"{mix}/{seed}": s.response_tokens()
-      for (mix, seed), s in zip(
-        [(m, sd) for m in MIXTURES for sd in cfg.seeds], train_sets
-      )
-    },
-    "test_pairs": len(test),
-    "seeds": list(cfg.seeds),
-  })
+  return r(
+    {
+      "sources": list(cfg.sources),
+      "target": cfg.target,
+      "sizes_K": sizes,
+      "natural_K": weights["natural"],
+      "steps_S": res["steps_S"],
+      "lambda_SxRxK": res["lambda_SxRxK"],
+      "final_lambda_RxK": lam_RxK,
+      "val_loss_SxR": res["val_loss_SxR"],
+      "mixtures": list(MIXTURES),
+      "test_loss_MxR": loss_MxR,
+      "pretrained_test_loss": pretrained_loss,
+      "rows_per_source": {key: v.tolist() for key, v in counts.items()},
+      "response_tokens": {
+        f"{mix}/{seed}": s.response_tokens()
+        for (mix, seed), s in zip(
+          [(m, sd) for m in MIXTURES for sd in cfg.seeds], train_sets
+        )
+      },
+      "test_pairs": len(test),
+      "seeds": list(cfg.seeds),
+    }
+  )
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -102,7 +104,14 @@ def summary(data: dict[str, Any]) -> str:
   rows = []
   for k, name in enumerate(data["sources"]):
     m, h = common.t_interval(lam[:, k])
-    rows.append([name, int(data["sizes_K"][k]), f"{data['natural_K'][k]:.3f}", f"{m:.3f} ± {h:.3f}"])
+    rows.append(
+      [
+        name,
+        int(data["sizes_K"][k]),
+        f"{data['natural_K'][k]:.3f}",
+        f"{m:.3f} ± {h:.3f}",
+      ]
+    )
   loss = np.asarray(data["test_loss_MxR"])
   lrows = []
   for i, mix in enumerate(data["mixtures"]):
@@ -112,15 +121,17 @@ def summary(data: dict[str, Any]) -> str:
   for i, mix in enumerate(data["mixtures"][1:], start=1):
     m, h = common.t_interval(loss[0] - loss[i])
     drows.append([f"scalebio - {mix}", f"{m:+.4f} ± {h:.4f}"])
-  return "\n".join([
-    f"target {data['target']!r} (held out of training); learned weights "
-    f"(mean ± 95% t-interval over {lam.shape[0]} seeds)",
-    fmt_table(["source", "pairs", "natural", "lambda"], rows),
-    f"target test loss after fine-tuning (nats/byte, {data['test_pairs']} "
-    f"pairs; pre-trained model {data['pretrained_test_loss']:.4f})",
-    fmt_table(["mixture", "loss"], lrows),
-    fmt_table(["paired difference", "loss"], drows),
-  ])
+  return "\n".join(
+    [
+      f"target {data['target']!r} (held out of training); learned weights "
+      f"(mean ± 95% t-interval over {lam.shape[0]} seeds)",
+      fmt_table(["source", "pairs", "natural", "lambda"], rows),
+      f"target test loss after fine-tuning (nats/byte, {data['test_pairs']} "
+      f"pairs; pre-trained model {data['pretrained_test_loss']:.4f})",
+      fmt_table(["mixture", "loss"], lrows),
+      fmt_table(["paired difference", "loss"], drows),
+    ]
+  )
 
 
 register(

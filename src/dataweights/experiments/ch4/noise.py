@@ -49,19 +49,21 @@ def run(cfg: configs.NoiseOrderingConfig) -> dict[str, Any]:
   lam = res["lambda_SxRxK"]
   final_RxK = lam[-1]
   rho_R = [stats.spearmanr(rates, f).statistic for f in final_RxK]
-  return r({
-    "source": cfg.source,
-    "rates_K": rates,
-    "sizes_K": [len(s) for s in sets],
-    "replaced_K": [int(m.sum()) for m in masks],
-    "steps_S": res["steps_S"],
-    "lambda_mean_SxK": lam.mean(axis=1),
-    "lambda_SxRxK": lam,
-    "final_lambda_RxK": final_RxK,
-    "spearman_R": rho_R,
-    "val_loss_SxR": res["val_loss_SxR"],
-    "seeds": list(cfg.seeds),
-  })
+  return r(
+    {
+      "source": cfg.source,
+      "rates_K": rates,
+      "sizes_K": [len(s) for s in sets],
+      "replaced_K": [int(m.sum()) for m in masks],
+      "steps_S": res["steps_S"],
+      "lambda_mean_SxK": lam.mean(axis=1),
+      "lambda_SxRxK": lam,
+      "final_lambda_RxK": final_RxK,
+      "spearman_R": rho_R,
+      "val_loss_SxR": res["val_loss_SxR"],
+      "seeds": list(cfg.seeds),
+    }
+  )
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -69,12 +71,20 @@ def summary(data: dict[str, Any]) -> str:
   rows = []
   for k, rate in enumerate(data["rates_K"]):
     m, h = common.t_interval(final[:, k])
-    rows.append([f"{rate:.2f}", data["replaced_K"][k], data["sizes_K"][k], f"{m:.3f} ± {h:.3f}"])
+    rows.append(
+      [
+        f"{rate:.2f}",
+        data["replaced_K"][k],
+        data["sizes_K"][k],
+        f"{m:.3f} ± {h:.3f}",
+      ]
+    )
   rho = np.asarray(data["spearman_R"])
   lines = [
     f"noise ordering on {data['source']!r}: final weights (mean ± 95% t-interval over {final.shape[0]} seeds)",
     fmt_table(["rate", "replaced", "pairs", "lambda"], rows),
-    "Spearman rho(rate, lambda) per seed: " + ", ".join(f"{x:.3f}" for x in rho),
+    "Spearman rho(rate, lambda) per seed: "
+    + ", ".join(f"{x:.3f}" for x in rho),
     f"fully corrupted partition: lambda = {final[:, -1].mean():.4f} (uniform start {1 / final.shape[1]:.3f})",
   ]
   return "\n".join(lines)

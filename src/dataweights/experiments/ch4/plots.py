@@ -32,14 +32,19 @@ def plot_noise(data: dict[str, Any]) -> Figure:
   _style(ax0, "weights of the 10 partitions during training")
   final = np.asarray(data["final_lambda_RxK"])
   for r_, row in enumerate(final):
-    ax1.plot(rates, row, "o", ms=4, alpha=0.6, label=f"seed {data['seeds'][r_]}")
+    ax1.plot(
+      rates, row, "o", ms=4, alpha=0.6, label=f"seed {data['seeds'][r_]}"
+    )
   ax1.plot(rates, final.mean(0), "k-", lw=1.5, label="mean")
   ax1.axhline(1 / len(rates), color="0.5", ls=":", lw=1, label="uniform")
   rho = np.asarray(data["spearman_R"])
   ax1.set_xlabel("fraction of responses replaced by '.'")
   ax1.set_ylabel(r"final $\lambda_k$")
   ax1.legend(fontsize=8)
-  _style(ax1, f"final weights; Spearman rho per seed {', '.join(f'{x:.2f}' for x in rho)}")
+  _style(
+    ax1,
+    f"final weights; Spearman rho per seed {', '.join(f'{x:.2f}' for x in rho)}",
+  )
   return fig
 
 
@@ -54,8 +59,20 @@ def plot_two_sources(data: dict[str, Any]) -> Figure:
     c = colors[k % len(colors)]
     for run in range(lam.shape[1]):
       ax.plot(steps, lam[:, run, k], color=c, lw=0.8, alpha=0.35)
-    ax.plot(steps, lam[:, :, k].mean(1), color=c, lw=2, label=f"{name} (mean over seeds)")
-    ax.axhline(data["natural_K"][k], color=c, ls="--", lw=1, label=f"{name}: natural share")
+    ax.plot(
+      steps,
+      lam[:, :, k].mean(1),
+      color=c,
+      lw=2,
+      label=f"{name} (mean over seeds)",
+    )
+    ax.axhline(
+      data["natural_K"][k],
+      color=c,
+      ls="--",
+      lw=1,
+      label=f"{name}: natural share",
+    )
   ax.set_ylim(0, 1)
   ax.set_xlabel("ScaleBiO step")
   ax.set_ylabel(r"$\lambda_k$")
@@ -73,7 +90,9 @@ def plot_mixture(data: dict[str, Any]) -> Figure:
   k = np.arange(len(names))
   lam = np.asarray(data["final_lambda_RxK"])
   w = 0.27
-  ax0.bar(k - w, np.full(len(names), 1 / len(names)), w, color="0.7", label="uniform")
+  ax0.bar(
+    k - w, np.full(len(names), 1 / len(names)), w, color="0.7", label="uniform"
+  )
   ax0.bar(k, data["natural_K"], w, color="#2ca02c", label="natural")
   ax0.bar(k + w, lam.mean(0), w, color="#1f77b4", label="ScaleBiO (mean)")
   for run in lam:
@@ -86,7 +105,9 @@ def plot_mixture(data: dict[str, Any]) -> Figure:
   mixes = data["mixtures"]
   for run in range(loss.shape[1]):
     ax1.plot(range(len(mixes)), loss[:, run], "-o", color="0.6", lw=0.8, ms=4)
-  ax1.plot(range(len(mixes)), loss.mean(1), "s", color="#d62728", ms=8, label="mean")
+  ax1.plot(
+    range(len(mixes)), loss.mean(1), "s", color="#d62728", ms=8, label="mean"
+  )
   ax1.set_xticks(range(len(mixes)), mixes)
   ax1.set_ylabel("target test loss (nats/byte)")
   ax1.legend(fontsize=8)

@@ -30,17 +30,19 @@ def run(cfg: configs.TwoSourcesConfig) -> dict[str, Any]:
   res = common.run_scalebio(cfg, sets, valid, every=max(1, cfg.steps // 60))
   lam = res["lambda_SxRxK"]
   sizes = np.array([len(s) for s in sets], np.float64)
-  return r({
-    "sources": list(cfg.sources),
-    "valid_sources": list(cfg.valid_sources),
-    "sizes_K": sizes,
-    "natural_K": sizes / sizes.sum(),
-    "steps_S": res["steps_S"],
-    "lambda_SxRxK": lam,
-    "final_lambda_RxK": lam[-1],
-    "val_loss_SxR": res["val_loss_SxR"],
-    "seeds": list(cfg.seeds),
-  })
+  return r(
+    {
+      "sources": list(cfg.sources),
+      "valid_sources": list(cfg.valid_sources),
+      "sizes_K": sizes,
+      "natural_K": sizes / sizes.sum(),
+      "steps_S": res["steps_S"],
+      "lambda_SxRxK": lam,
+      "final_lambda_RxK": lam[-1],
+      "val_loss_SxR": res["val_loss_SxR"],
+      "seeds": list(cfg.seeds),
+    }
+  )
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -48,12 +50,21 @@ def summary(data: dict[str, Any]) -> str:
   rows = []
   for k, name in enumerate(data["sources"]):
     m, h = common.t_interval(final[:, k])
-    rows.append([name, int(data["sizes_K"][k]), f"{data['natural_K'][k]:.3f}", f"{m:.3f} ± {h:.3f}"])
-  return "\n".join([
-    f"two sources, validation from {', '.join(data['valid_sources'])} "
-    f"(final weights, mean ± 95% t-interval over {final.shape[0]} seeds)",
-    fmt_table(["source", "pairs", "natural", "lambda"], rows),
-  ])
+    rows.append(
+      [
+        name,
+        int(data["sizes_K"][k]),
+        f"{data['natural_K'][k]:.3f}",
+        f"{m:.3f} ± {h:.3f}",
+      ]
+    )
+  return "\n".join(
+    [
+      f"two sources, validation from {', '.join(data['valid_sources'])} "
+      f"(final weights, mean ± 95% t-interval over {final.shape[0]} seeds)",
+      fmt_table(["source", "pairs", "natural", "lambda"], rows),
+    ]
+  )
 
 
 register(
