@@ -243,9 +243,13 @@ def test_the_train_step_takes_the_three_penalty_gradients():
 
 @pytest.mark.slow  # 60 ScaleBiO steps: 10-50 s on 2 shared cores
 def test_pure_noise_source_weight_falls_below_005():
-  method = scalebio("smoke", steps=60, lr_p=0.1, lr_u=3e-3, alpha=10.0)
+  # The noise only shows once w and u have learnt the clean rule (then the
+  # validation pull makes w worse than u on the noise): at lr 3e-3 the tiny
+  # model had not (validation loss still 2.0 after 60 steps) and Adam on p,
+  # fed near-zero gaps, drifted the noise weight back up to 0.54.
+  method = scalebio("smoke", steps=60, lr_p=0.1, lr_u=1e-2, alpha=10.0)
   trainer = _trainer(
-    method, steps=60, learning_rate=3e-3, warmup_steps=0, schedule="constant"
+    method, steps=60, learning_rate=1e-2, warmup_steps=0, schedule="constant"
   )
   state, hist = trainer.run(_sources(noise_source=True))
   lam = np.asarray(sb.lambdas(state.extra["method"]["p_K"]))

@@ -268,8 +268,11 @@ class ScaleBiO(Method):
     total = jnp.sum(wt_B) + 1.0
     g_w = jax.tree.map(lambda g: g * total.astype(g.dtype), grads)
     loss_w_B, val_B = loss_B[:b], loss_B[b:]
-    # u: descends alpha L_tr(u, lam) on the same rows.
-    u = mstate["u"]
+    # u: descends alpha L_tr(u, lam) on the same rows. The barrier makes
+    # u's pass wait for w's gradients: the two passes are independent, and
+    # XLA otherwise keeps both passes' activations alive at once (compiled
+    # peak at GPT-2 124M shape, benchmarks/bench_scalebio.py).
+    g_w, u, train = jax.lax.optimization_barrier((g_w, mstate["u"], train))
     _, loss_u_B, g_u = ctx.grad_fn(u, train, wt_B)
     g_u = jax.tree.map(lambda g: g * jnp.sum(wt_B).astype(g.dtype), g_u)
     u_tx = self.u_optimizer()

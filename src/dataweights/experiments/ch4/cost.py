@@ -182,3 +182,64 @@ def report(res: dict) -> str:
     f"{peak['scalebio'] / 1e6:.1f} MB ({peak['scalebio'] / peak['plain']:.2f} x)"
   )
   return "\n".join(lines)
+
+
+def snapshot_report(root: str | None = None) -> str:
+  """The committed benchmark snapshots (``benchmarks/bench_scalebio.py``).
+
+  Reads ``benchmarks/results/scalebio_{time,memory,memory_len128}.json``
+  under the repository root: the step-time ratio at the chapter's shape and
+  XLA's compiled memory per device at GPT-2 124M shape on an 8-device FSDP
+  mesh. Returns a note instead if the files are absent (an installed
+  package without the repository).
+  """
+  import json
+  from pathlib import Path
+
+  from dataweights import book
+
+  base = Path(root or book.repo_root()) / "benchmarks" / "results"
+  try:
+    t = json.loads((base / "scalebio_time.json").read_text())
+    mems = [
+      json.loads((base / f"scalebio_memory{s}.json").read_text())
+      for s in ("", "_len128")
+    ]
+  except OSError:
+    return "benchmark snapshots not found (run benchmarks/bench_scalebio.py)"
+  q = t["time"]["ratio_quartiles"]
+  lines = [
+    "snapshot benchmarks/results/scalebio_time.json: ScaleBiO step / plain "
+    f"step = {t['time']['ratio_median']:.2f} (quartiles {q[0]:.2f}-{q[1]:.2f},"
+    f" {t['time']['rounds']} interleaved pairs, {t['cpu_count']} CPU cores)",
+  ]
+  mib = 2**20
+  for m in mems:
+    md = m["model"]
+    lines.append(
+      f"compiled memory per device, {md['num_params'] / 1e6:.0f}M parameters"
+      f" ({md['num_layers']} blocks), {m['mesh']['fsdp']}-way FSDP, batch "
+      f"{m['batch']} + {m['valid_batch']} validation rows of {m['length']} "
+      "tokens:"
+    )
+    lines.append(
+      f"  {'step':<16}{'state MiB':>10}{'temp MiB':>10}{'peak MiB':>10}"
+      f"{'x plain':>9}"
+    )
+    for name, r in m["rows"].items():
+      lines.append(
+        f"  {name:<16}{r['argument_bytes'] / mib:>10.1f}"
+        f"{r['temp_bytes'] / mib:>10.1f}"
+        f"{r['peak_bytes_per_device'] / mib:>10.1f}"
+        f"{r['peak_ratio_to_plain']:>9.2f}"
+      )
+  m = mems[0]
+  plain = m["plain_adamw_state_bytes"]
+  by_a = m["optimizer_state_bytes_by_active_blocks"]
+  lines.append(
+    "optimiser state of w and u (all devices) by LISA's active blocks, "
+    "x plain AdamW's: "
+    + ", ".join(f"{a}: {b / plain:.2f}" for a, b in by_a.items() if a != "0")
+    + f" (no LISA: {by_a['0'] / plain:.2f})"
+  )
+  return "\n".join(lines)
