@@ -164,9 +164,11 @@ def report(res: dict) -> str:
     "one step at the chapter's shape "
     f"(B={res['shape']['batch_size']} + {res['shape']['valid_batch_size']} "
     f"validation rows, L={res['shape']['seq_len']}):",
-    f"  plain fine-tuning {t['plain_ms']:.1f} ms, ScaleBiO {t['scalebio_ms']:.1f} ms:"
-    f" ratio {t['ratio_median']:.2f} (quartiles {t['ratio_quartiles'][0]:.2f}-"
-    f"{t['ratio_quartiles'][1]:.2f}, {t['rounds']} interleaved pairs); paper: about 3",
+    f"  plain fine-tuning {t['plain_ms']:.1f} ms, ScaleBiO "
+    f"{t['scalebio_ms']:.1f} ms: ratio {t['ratio_median']:.2f}",
+    f"  (quartiles {t['ratio_quartiles'][0]:.2f}-"
+    f"{t['ratio_quartiles'][1]:.2f}, {t['rounds']} interleaved pairs); "
+    "paper: about 3",
     "state kept (parameters + optimiser moments, both models):",
   ]
   for name, b in sb.items():
@@ -209,18 +211,21 @@ def snapshot_report(root: str | None = None) -> str:
     return "benchmark snapshots not found (run benchmarks/bench_scalebio.py)"
   q = t["time"]["ratio_quartiles"]
   lines = [
-    "snapshot benchmarks/results/scalebio_time.json: ScaleBiO step / plain "
-    f"step = {t['time']['ratio_median']:.2f} (quartiles {q[0]:.2f}-{q[1]:.2f},"
-    f" {t['time']['rounds']} interleaved pairs, {t['cpu_count']} CPU cores)",
+    "benchmarks/results/scalebio_time.json (chapter's shape):",
+    f"  ScaleBiO step / plain step = {t['time']['ratio_median']:.2f} "
+    f"(quartiles {q[0]:.2f}-{q[1]:.2f}, {t['time']['rounds']} interleaved "
+    f"pairs, {t['cpu_count']} CPU cores)",
   ]
   mib = 2**20
   for m in mems:
     md = m["model"]
     lines.append(
-      f"compiled memory per device, {md['num_params'] / 1e6:.0f}M parameters"
-      f" ({md['num_layers']} blocks), {m['mesh']['fsdp']}-way FSDP, batch "
-      f"{m['batch']} + {m['valid_batch']} validation rows of {m['length']} "
-      "tokens:"
+      f"compiled memory per device: {md['num_params'] / 1e6:.0f}M parameters"
+      f" ({md['num_layers']} blocks), {m['mesh']['fsdp']}-way FSDP,"
+    )
+    lines.append(
+      f"  batch {m['batch']} + {m['valid_batch']} validation rows of "
+      f"{m['length']} tokens"
     )
     lines.append(
       f"  {'step':<16}{'state MiB':>10}{'temp MiB':>10}{'peak MiB':>10}"
@@ -237,9 +242,11 @@ def snapshot_report(root: str | None = None) -> str:
   plain = m["plain_adamw_state_bytes"]
   by_a = m["optimizer_state_bytes_by_active_blocks"]
   lines.append(
-    "optimiser state of w and u (all devices) by LISA's active blocks, "
-    "x plain AdamW's: "
-    + ", ".join(f"{a}: {b / plain:.2f}" for a, b in by_a.items() if a != "0")
-    + f" (no LISA: {by_a['0'] / plain:.2f})"
+    "optimiser state of w and u (all devices) / plain AdamW's, by LISA's"
+    " active blocks:"
   )
+  items = [f"{a}: {b / plain:.2f}" for a, b in by_a.items() if a != "0"]
+  for k in range(0, len(items), 6):
+    lines.append("  " + ", ".join(items[k : k + 6]))
+  lines.append(f"  no LISA: {by_a['0'] / plain:.2f}")
   return "\n".join(lines)
