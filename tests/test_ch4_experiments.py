@@ -28,6 +28,12 @@ def test_registered_with_config_factory_plot_and_summary():
     assert e.config("smoke").profile == "smoke"
 
 
+def test_config_source_names_equal_the_data_layers():
+  from dataweights.data.sources.instructions import SOURCE_NAMES
+
+  assert configs.SOURCE_NAMES == SOURCE_NAMES
+
+
 def test_bad_configs_are_clear_errors():
   with pytest.raises(
     ConfigError, match=r"alpha = 0 is invalid; it must be a finite number > 0"

@@ -24,7 +24,20 @@ from dataweights.configs.base import (
   check_profile,
   from_profile,
 )
-from dataweights.data.sources.instructions import SOURCE_NAMES
+
+# The sources of ``dw_instructions`` (configs sit below the data layer, so
+# the names are repeated here; a test checks they equal
+# ``dataweights.data.sources.instructions.SOURCE_NAMES``).
+SOURCE_NAMES: tuple[str, ...] = (
+  "chat",
+  "multilingual",
+  "dialogue",
+  "glossary",
+  "scripture",
+  "fiction",
+  "encyclopaedic",
+  "news",
+)
 
 
 def _check_source(cfg: Any, name: str) -> None:

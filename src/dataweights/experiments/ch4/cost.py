@@ -198,9 +198,16 @@ def snapshot_report(root: str | None = None) -> str:
   import json
   from pathlib import Path
 
-  from dataweights import book
-
-  base = Path(root or book.repo_root()) / "benchmarks" / "results"
+  if root is None:
+    # The repository holding this file, else the first one above the cwd
+    # (experiments sit below the book layer: no dataweights.book here).
+    here = Path.cwd().resolve()
+    candidates = [Path(__file__).resolve().parents[4], here, *here.parents]
+    root = next(
+      (d for d in candidates if (d / "benchmarks" / "results").is_dir()),
+      candidates[0],
+    )
+  base = Path(root) / "benchmarks" / "results"
   try:
     t = json.loads((base / "scalebio_time.json").read_text())
     mems = [
