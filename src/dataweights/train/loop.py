@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
@@ -117,6 +118,9 @@ class Trainer:
     use_rng: give ``loss_fn`` a per-step key (dropout).
     method: a data-selection method; its state is created from the initial
       parameters and kept in ``state.extra["method"]``.
+    tx: the optimiser (default :func:`~dataweights.train.optim.make_optimizer`
+      of ``train_cfg``), e.g. LISA (:mod:`dataweights.train.lisa`) or a
+      method's own (:meth:`~dataweights.train.scalebio.ScaleBiO.w_optimizer`).
   """
 
   def __init__(
@@ -131,6 +135,7 @@ class Trainer:
     extra: dict[str, Any] | None = None,
     use_rng: bool | None = None,
     method: Method | None = None,
+    tx: optax.GradientTransformation | None = None,
   ):
     from dataweights import sharding
 
@@ -143,7 +148,7 @@ class Trainer:
     self.model_cfg, self.train_cfg, self.mesh = model_cfg, train_cfg, mesh
     self.domain_names = None if domain_names is None else list(domain_names)
     self.schedule = optim.make_schedule(train_cfg)
-    tx = optim.make_optimizer(train_cfg)
+    tx = optim.make_optimizer(train_cfg) if tx is None else tx
     make = lambda: model_factory(model_cfg, nnx.Rngs(params=train_cfg.seed))
     if mesh is None:
       model = make()

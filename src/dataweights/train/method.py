@@ -24,9 +24,10 @@ method overrides only what it needs:
   device never waits) and draws the next batches with it;
 * **its own state**: ``init`` builds it from the model's parameters. Any
   sub-tree shaped like the parameters (a second model copy, an auxiliary
-  vector ``v``, optimiser moments of either) is placed with the parameters'
-  shardings, everything else is replicated (:func:`state_shardings`), so a
-  method that keeps a second model (ScaleBiO) is sharded like the model.
+  vector ``v``, optimiser moments of either, also for some parameters only)
+  is placed with the parameters' shardings, everything else is replicated
+  (:func:`state_shardings`), so a method that keeps a second model
+  (ScaleBiO) is sharded like the model.
 
 The state is checkpointed with the rest of the run and restored bit-exactly.
 Methods in :mod:`dataweights.methods` build on this contract.
@@ -183,42 +184,95 @@ class Plain(Method):
   name: str = "plain"
 
 
-def _shape_tree(tree: Any) -> Any:
-  return jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)), tree)
+def _key_name(entry: Any) -> Any:
+  """A key-path entry as a plain key (dict key, index or attribute)."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def _plain_path(path: Any) -> tuple[Any, ...]:
+  return tuple(_key_name(e) for e in path)
+
+
+def _stacked_sharding(sharding: Any) -> Any:
+  """The sharding of ``n`` stacked copies of a parameter (new axis 0)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+  return sharding
+
+
+def _leading_unsharded(sharding: Any) -> bool:
+  from jax.sharding import NamedSharding
+
+  if not isinstance(sharding, NamedSharding):
+    return True
+  return not sharding.spec or sharding.spec[0] is None
 
 
 def state_shardings(
   mstate: Any, params: Params, param_shardings: Any, replicated: Any
 ) -> Any:
-  """Shardings of a method state: parameter-shaped sub-trees like the parameters.
+  """Shardings of a state: every leaf placed like the parameter it mirrors.
 
-  A sub-tree with the parameters' tree structure and leaf shapes (a model
-  copy, a vector shaped like the parameters, optimiser moments of either)
-  gets ``param_shardings``; every other leaf is ``replicated``.
+  A leaf mirrors a parameter when its key path ends with the parameter's
+  key path (a model copy ``{"u": params}``, optimiser moments
+  ``(..., "mu", <param path>)``, the moments of a masked or grouped
+  optimiser, a compact tree of some parameters). It then gets:
+
+  * the parameter's sharding if it has the parameter's shape;
+  * the parameter's sharding with a new unsharded axis 0 if its shape is
+    ``(n, *param_shape)`` (``n`` stacked copies, e.g. LISA's optimiser
+    slots for the active blocks, :mod:`dataweights.train.lisa`);
+  * the parameter's sharding if its shape is ``(n, *param_shape[1:])`` and
+    the parameter's axis 0 is unsharded (a slice of a scanned layer axis).
+
+  Every other leaf is ``replicated``. The longest matching parameter path
+  wins.
 
   Args:
-    mstate: the method state (arrays or ``ShapeDtypeStruct`` s).
-    params: the model parameters (for structure and shapes).
+    mstate: the state (arrays or ``ShapeDtypeStruct`` s).
+    params: the model parameters (for key paths and shapes).
     param_shardings: the parameters' shardings (same structure as params).
     replicated: the sharding of everything else.
 
   Returns:
     A pytree of shardings with the structure of ``mstate``.
   """
-  p_def = jax.tree.structure(params)
-  p_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
+  flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_s = jax.tree.leaves(param_shardings)
+  table = {
+    _plain_path(path): (tuple(jnp.shape(x)), sh)
+    for (path, x), sh in zip(flat_p, flat_s)
+  }
+  longest = max((len(k) for k in table), default=0)
 
-  def like_params(node) -> bool:
-    if jax.tree.structure(node) != p_def:
-      return False
-    return [tuple(jnp.shape(x)) for x in jax.tree.leaves(node)] == p_shapes
+  def place(path, leaf):
+    q = _plain_path(path)
+    shape = tuple(jnp.shape(leaf))
+    for n in range(min(len(q), longest), 0, -1):
+      hit = table.get(q[-n:])
+      if hit is None:
+        continue
+      p_shape, sh = hit
+      if shape == p_shape:
+        return sh
+      if shape[1:] == p_shape and shape:
+        return _stacked_sharding(sh)
+      if (
+        len(shape) == len(p_shape)
+        and shape
+        and shape[1:] == p_shape[1:]
+        and _leading_unsharded(sh)
+      ):
+        return sh
+      return replicated
+    return replicated
 
-  def place(node):
-    if like_params(node):
-      return param_shardings
-    return jax.tree.map(lambda _: replicated, node)
-
-  return jax.tree.map(place, mstate, is_leaf=like_params)
+  return jax.tree_util.tree_map_with_path(place, mstate)
 
 
 def check_batches(

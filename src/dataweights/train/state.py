@@ -88,8 +88,9 @@ def init_train_state(
 ) -> tuple[TrainState, StaticParts, TrainState]:
   """Builds the initial state from an (already sharded) model.
 
-  The optimiser state gets the parameters' shardings (optax
-  ``tree_map_params``), scalars and ``extra`` are replicated over the
+  The optimiser state gets the parameters' shardings (leaves matched to
+  parameters by key path, :func:`dataweights.train.method.state_shardings`),
+  scalars and ``extra`` are replicated over the
   parameters' devices. Create a sharded model with
   :func:`dataweights.sharding.create_sharded`; an unsharded model gives a
   single-device state.
@@ -115,14 +116,12 @@ def init_train_state(
     raise ValueError("the model has no nnx.Param variables to train")
   repl = _replicated_like(leaves[0])
   param_sh = jax.tree.map(lambda x: x.sharding, params)
+  from dataweights.train.method import state_shardings
+
   opt_abstract = jax.eval_shape(tx.init, params)
-  opt_sh = optax.tree_map_params(
-    tx,
-    lambda _, sh: sh,
-    opt_abstract,
-    param_sh,
-    transform_non_params=lambda _: repl,
-  )
+  # Placed by key path (not optax.tree_map_params, which cannot see through
+  # masked, grouped or LISA states): moments in their parameter's shards.
+  opt_sh = state_shardings(opt_abstract, params, param_sh, repl)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   # Copies: the jitted step donates the state, which must not delete arrays
   # the caller still holds (e.g. the initial domain weights).
@@ -133,8 +132,6 @@ def init_train_state(
   if method_state is not None:
     # Parameter-shaped parts of a method's state live in the parameters'
     # shards (a second model copy must not be replicated).
-    from dataweights.train.method import state_shardings
-
     sh = state_shardings(method_state, params, param_sh, repl)
     extra["method"] = jax.tree.map(
       lambda x, s: jax.device_put(jnp.array(x, copy=True), s), method_state, sh

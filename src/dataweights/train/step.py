@@ -306,9 +306,19 @@ def make_train_step(
       & jnp.isfinite(grad_norm)
       & (state.halted == 0)
     )
-    for v in jax.tree.leaves(mstate):
-      if jnp.issubdtype(v.dtype, jnp.inexact):
-        ok = ok & jnp.all(jnp.isfinite(v))
+    # One reduction over the method state's leaves, behind a barrier: a
+    # chain of per-leaf ANDs is cheap enough for XLA to copy into every
+    # consumer (each jnp.where below), which made the optimised program
+    # quadratic in the number of leaves (ScaleBiO's u and its moments:
+    # 77k HLO lines instead of 14k, compile time x4).
+    finite = [
+      jnp.all(jnp.isfinite(v))
+      for v in jax.tree.leaves(mstate)
+      if jnp.issubdtype(v.dtype, jnp.inexact)
+    ]
+    if finite:
+      ok = ok & jnp.all(jnp.stack(finite))
+    ok = jax.lax.optimization_barrier(ok)
     extra = dict(state.extra)
     if "method" in extra or jax.tree.leaves(mstate):
       extra["method"] = mstate
