@@ -25,6 +25,20 @@ from dataweights.configs.base import (
   from_profile,
 )
 
+# The sources of ``dw_instructions`` (configs sit below the data layer, so
+# the names are listed here once for every config that takes a source;
+# tests check they equal ``dataweights.data.sources.instructions.SOURCE_NAMES``).
+INSTRUCTION_SOURCES: tuple[str, ...] = (
+  "chat",
+  "multilingual",
+  "dialogue",
+  "glossary",
+  "scripture",
+  "fiction",
+  "encyclopaedic",
+  "news",
+)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataConfig:

@@ -21,22 +21,11 @@ from dataweights.configs.base import (
   check_profile,
   from_profile,
 )
+from dataweights.configs.data import INSTRUCTION_SOURCES
 
 KFAC_METHODS: tuple[str, ...] = ("kfac", "kfac_factored", "ekfac")
 """Inverse-curvature products of methods.kfac (configs sit below methods;
 tests/test_ch5_experiments.py checks that the two lists agree)."""
-INSTRUCTION_SOURCES: tuple[str, ...] = (
-  "chat",
-  "multilingual",
-  "dialogue",
-  "glossary",
-  "scripture",
-  "fiction",
-  "encyclopaedic",
-  "news",
-)
-"""The instruction-style sources of data.sources.instructions (checked equal
-by tests/test_ch5_experiments.py)."""
 
 
 def _check_seeds(cfg: Any, name: str = "seeds", minimum: int = 1) -> None:

@@ -24,20 +24,10 @@ from dataweights.configs.base import (
   check_profile,
   from_profile,
 )
+from dataweights.configs.data import INSTRUCTION_SOURCES
 
-# The sources of ``dw_instructions`` (configs sit below the data layer, so
-# the names are repeated here; a test checks they equal
-# ``dataweights.data.sources.instructions.SOURCE_NAMES``).
-SOURCE_NAMES: tuple[str, ...] = (
-  "chat",
-  "multilingual",
-  "dialogue",
-  "glossary",
-  "scripture",
-  "fiction",
-  "encyclopaedic",
-  "news",
-)
+# The sources of ``dw_instructions`` (one list for all configs).
+SOURCE_NAMES: tuple[str, ...] = INSTRUCTION_SOURCES
 
 
 def _check_source(cfg: Any, name: str) -> None:
