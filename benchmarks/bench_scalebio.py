@@ -10,10 +10,16 @@ Two parts, each a ratio against a baseline measured in the same run:
 * ``--part memory``: XLA's compiled memory analysis per device of one step
   at GPT-2 124M shape on an 8-way FSDP mesh of fake CPU devices (abstract
   inputs; nothing is allocated): plain full fine-tuning with AdamW,
-  ScaleBiO without LISA, ScaleBiO with LISA at several numbers of active
-  blocks; and the optimiser-state bytes (``w``'s and ``u``'s) against the
-  number of active blocks. Goals: ScaleBiO + LISA (2 blocks) at most 1.0x
-  plain, without LISA at most 2.0x. Rows are saved after each compile.
+  ScaleBiO without LISA (``w``'s pass joint over training and validation
+  rows, and split, ``ScaleBiO.w_pass``), ScaleBiO with LISA at several
+  numbers of active blocks, with the blocks chosen in the step and fixed
+  per compiled step (``lisa.fixed_blocks``: no weight gradients for frozen
+  blocks); and the optimiser-state bytes (``w``'s and ``u``'s) against the
+  number of active blocks. Every row uses the same model and loss:
+  unrolled blocks (``--scan``: one ``lax.scan``), the lean cross-entropy
+  backward (``--loss autodiff``: the chapters' ``lm_loss``). Goals:
+  ScaleBiO + LISA (2 blocks) at most 1.0x plain, without LISA at most 2.0x.
+  Rows are saved after each compile.
 
   python benchmarks/bench_scalebio.py --part time --out bench-results/scalebio_time.json
   python benchmarks/bench_scalebio.py --part memory --out bench-results/scalebio_memory.json
@@ -47,6 +53,16 @@ def part_time(args) -> dict:
   return res
 
 
+def _with_fixed(step, fixed):
+  from dataweights.train import lisa
+
+  def fixed_step(state, batches):
+    with lisa.fixed_blocks(fixed):
+      return step(state, batches)
+
+  return fixed_step
+
+
 def part_memory(args, save) -> dict:
   import jax
   import jax.numpy as jnp
@@ -63,15 +79,19 @@ def part_memory(args, save) -> dict:
   from dataweights.train.method import state_shardings
   from dataweights.train.scalebio import scalebio
   from dataweights.train.state import StaticParts, TrainState
-  from dataweights.train.step import make_train_step
+  from dataweights.train.step import lm_loss, lm_loss_fused, make_train_step
 
   if args.quick:
     cfg = lm.lm_model(
       "smoke", num_layers=4, d_model=64, num_heads=4, d_mlp=256,
-      max_len=args.length, scan_layers=True,
+      max_len=args.length, scan_layers=args.scan, remat=args.remat,
     )  # fmt: skip
   else:
-    over = {"max_len": args.length, "scan_layers": True}
+    over = {
+      "max_len": args.length,
+      "scan_layers": args.scan,
+      "remat": args.remat,
+    }
     if args.layers:
       over["num_layers"] = args.layers
     if args.d_model:
@@ -132,16 +152,26 @@ def part_memory(args, save) -> dict:
   for a, b in state_vs_active.items():
     print(f"  {a:>2}: {b / 2**20:8.1f} MiB ({b / plain_opt:.2f} x plain AdamW)")
   rows = {}
-  variants = [("plain", None)]
-  variants.append(("scalebio", 0))
+  variants = [("plain", None), ("scalebio/joint", 0), ("scalebio", 0)]
   for a in args.active:
     if a <= cfg.num_layers:
       variants.append((f"scalebio+lisa{a}", a))
+      variants.append((f"scalebio+lisa{a}/fixed", a))
   for name, active in variants:
+    fixed = None
+    if name.endswith("/fixed"):
+      # The lean mode: the period's active blocks are constants of the
+      # compiled step (lisa.fixed_blocks); here the first period's.
+      fixed = lisa.blocks_at(
+        0, seed=0, period=20, num_blocks=cfg.num_layers, num_active=active
+      )
     if active is None:
       method, tx = None, optim.make_optimizer(train_cfg)
     else:
-      method = scalebio("paper", lisa_active=active, lisa_period=20, steps=1000)
+      method = scalebio(
+        "paper", lisa_active=active, lisa_period=20, steps=1000,
+        w_pass="joint" if name.endswith("/joint") else args.w_pass,
+      )  # fmt: skip
       tx = method.w_optimizer(train_cfg)
     opt, opt_sh = placed(jax.eval_shape(tx.init, params))
     extra = {}
@@ -171,9 +201,12 @@ def part_memory(args, save) -> dict:
     batch_sh = jax.tree.map(lambda a: a.sharding, batches)
     step = make_train_step(
       StaticParts(graphdef, tx),
+      loss_fn=lm_loss_fused if args.loss == "fused" else lm_loss,
       domain_names=[str(k) for k in range(K)],
       method=method,
     )
+    if fixed is not None:
+      step = _with_fixed(step, fixed)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
       compiled = (
@@ -196,6 +229,8 @@ def part_memory(args, save) -> dict:
     )
     rows[name] = {
       "lisa_active": active,
+      "w_pass": None if method is None else method.w_pass,
+      "lisa_fixed_blocks": None if fixed is None else list(fixed),
       "argument_bytes": int(ma.argument_size_in_bytes),
       "temp_bytes": int(ma.temp_size_in_bytes),
       "output_bytes": int(ma.output_size_in_bytes),
@@ -219,9 +254,10 @@ def part_memory(args, save) -> dict:
           "d_model": cfg.d_model,
           "vocab_size": cfg.vocab_size,
           "num_params": n_params,
-          "scan_layers": True,
+          "scan_layers": cfg.scan_layers,
           "remat": cfg.remat,
         },
+        "loss": args.loss,
         "mesh": {"fsdp": n_dev},
         "batch": B,
         "valid_batch": BV,
@@ -246,8 +282,23 @@ def main() -> None:
   ap.add_argument("--length", type=int, default=1024)
   ap.add_argument("--valid-batch", type=int, default=0, help="default: --batch")
   ap.add_argument("--layers", type=int, default=0)
+  ap.add_argument(
+    "--loss", choices=("fused", "autodiff"), default="fused",
+    help="cross-entropy: lm_loss_fused or lm_loss (both runs use the same)",
+  )  # fmt: skip
+  ap.add_argument(
+    "--scan", action="store_true",
+    help="blocks scanned over layers (default: unrolled, a list of blocks)",
+  )  # fmt: skip
+  ap.add_argument(
+    "--remat", default="dots_no_batch", help="ModelConfig.remat policy"
+  )
   ap.add_argument("--d-model", type=int, default=0)
   ap.add_argument("--active", type=int, nargs="*", default=[2])
+  ap.add_argument(
+    "--w-pass", choices=("joint", "split"), default="split",
+    help="ScaleBiO's w pass (ScaleBiO.w_pass)",
+  )  # fmt: skip
   args = ap.parse_args()
   out_path = args.out or f"bench-results/scalebio_{args.part}.json"
   header = {"cpu_count": os.cpu_count(), "argv": sys.argv[1:]}

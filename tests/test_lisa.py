@@ -269,3 +269,118 @@ def test_bad_inputs_are_clear_errors():
   bad["blocks"][2]["k"] = jnp.ones((2, 2))
   with pytest.raises(ValueError, match="block 2 under 'blocks' differs"):
     lisa.lisa(0.1, num_active=1, period=1).init(bad)
+
+
+# ------------------------------------------------------ fixed blocks (lean) --
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fixed_blocks_equal_the_in_step_choice_across_periods(stacked):
+  # Oracle: the in-step mode (blocks drawn inside the update). The lean
+  # mode gathers and scatters by constant indices instead; the same AdamW
+  # arithmetic on the same values, so equal up to XLA's fusion (rtol 1e-6).
+  p = _params(stacked)
+  tx = lisa.lisa(SCHED, num_active=2, period=3, seed=5, weight_decay=0.1)
+  dyn = jax.jit(tx.update)
+  s_d, q_d = tx.init(p), p
+  s_f, q_f = tx.init(p), p
+  for t in range(9):
+    g = _grads(p, t)
+    u, s_d = dyn(g, s_d, q_d)
+    q_d = optax.apply_updates(q_d, u)
+    blocks = lisa.blocks_at(t, seed=5, period=3, num_blocks=N, num_active=2)
+
+    def fixed_update(g, s, q, blocks=blocks):
+      with lisa.fixed_blocks(blocks):
+        return tx.update(g, s, q)
+
+    u, s_f = jax.jit(fixed_update)(g, s_f, q_f)
+    q_f = optax.apply_updates(q_f, u)
+    assert np.asarray(s_f.active_K).tolist() == list(blocks)
+    assert np.asarray(s_d.active_K).tolist() == list(blocks)
+  for a, b in zip(jax.tree.leaves((s_d, q_d)), jax.tree.leaves((s_f, q_f))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_blocks_at_is_the_in_step_draw():
+  for t in range(12):
+    want = lisa.choose_blocks(4, t // 5, 7, 3).tolist()
+    assert (
+      list(lisa.blocks_at(t, seed=4, period=5, num_blocks=7, num_active=3))
+      == want
+    )
+  sched = lisa.block_schedule(seed=4, period=5, num_blocks=7, num_active=3)
+  assert sched(11) == lisa.blocks_at(
+    11, seed=4, period=5, num_blocks=7, num_active=3
+  )
+
+
+def _count_dots(jaxpr) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      n += 1
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          n += _count_dots(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          n += _count_dots(sub)
+  return n
+
+
+def test_fixed_blocks_form_no_weight_gradient_for_frozen_blocks():
+  from dataweights.train.step import lm_loss
+
+  cfg = lm.lm_model(
+    "smoke", num_layers=4, d_model=32, num_heads=2, d_mlp=64, remat="none"
+  )
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+
+  def loss(params):
+    params = lisa.freeze_inactive(params)
+    m = nnx.merge(graphdef, params)
+    return lm_loss(m, {"tokens_BxL": tokens}, None).mean()
+
+  def grad_fixed(params):
+    with lisa.fixed_blocks((1,)):
+      return jax.grad(loss)(params)
+
+  full = _count_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  lean = _count_dots(jax.make_jaxpr(grad_fixed)(params).jaxpr)
+  # Per block: 4 weight matmuls (query/key/value as one stacked
+  # contraction, out, fc, proj), each with one weight-gradient matmul in
+  # the backward pass; 3 blocks frozen.
+  assert full - lean == 3 * 4, (full, lean)
+  g_full, g_lean = jax.grad(loss)(params), grad_fixed(params)
+  for i in range(4):
+    for a, b in zip(
+      jax.tree.leaves(g_full["blocks"][i]), jax.tree.leaves(g_lean["blocks"][i])
+    ):
+      if i == 1:  # the active block: the same gradient (oracle: no freezing)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+      else:
+        assert not np.any(np.asarray(b)) and np.any(np.asarray(a))
+  np.testing.assert_allclose(g_full["wte"], g_lean["wte"], rtol=1e-6, atol=1e-8)
+
+
+def test_fixed_blocks_bad_input():
+  p = _params()
+  tx = lisa.lisa(0.1, num_active=2, period=2)
+  s = tx.init(p)
+  with pytest.raises(
+    ValueError, match=r"fixed LISA blocks \(1, 1\) are invalid"
+  ):
+    with lisa.fixed_blocks((1, 1)):
+      pass
+  with pytest.raises(
+    ValueError, match="fixed LISA blocks .* are invalid for a model with 4"
+  ):
+    with lisa.fixed_blocks((1, 4)):
+      tx.update(_grads(p, 0), s, p)
+  with pytest.raises(ValueError, match="num_active = 2: give 2 distinct"):
+    with lisa.fixed_blocks((1,)):
+      tx.update(_grads(p, 0), s, p)
+  assert lisa.current_fixed_blocks() is None

@@ -213,3 +213,59 @@ def test_profiles_and_sizes():
     lm.lm_model("book", size="gpt5")
   with pytest.raises(ConfigError, match="unknown profile"):
     lm.lm_model("huge")
+
+
+def test_token_xent_value_and_gradient():
+  # Oracles: a float64 numpy cross-entropy (value), its closed-form
+  # gradient softmax - onehot, central finite differences in float64, and
+  # autodiff of the log_softmax form (the default path) in float32.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 7)) * 4.0
+  x[0, 0, 3] = 60.0  # a dominant logit: the log-normaliser must be stable
+  t = rng.integers(0, 7, size=(2, 5))
+  g = rng.normal(size=(2, 5))
+  lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+  want = lse - np.take_along_axis(x, t[..., None], -1)[..., 0]
+  p = np.exp(x - lse[..., None])
+  want_grad = (p - np.eye(7)[t]) * g[..., None]
+  x32, t32 = jnp.asarray(x, jnp.float32), jnp.asarray(t)
+  np.testing.assert_allclose(
+    tr.token_xent(x32, t32), want, rtol=1e-5, atol=1e-5
+  )
+  f = lambda z: jnp.sum(jnp.asarray(g, z.dtype) * tr.token_xent(z, t32))  # noqa: E731
+  np.testing.assert_allclose(jax.grad(f)(x32), want_grad, atol=2e-6)
+  f_ref = lambda z: jnp.sum(g * tr.per_token_loss(z, t32))  # noqa: E731
+  np.testing.assert_allclose(jax.grad(f)(x32), jax.grad(f_ref)(x32), atol=1e-6)
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(x, jnp.float64)
+    d = rng.normal(size=x.shape)
+    h = 1e-6
+    fd = (f(x64 + h * d) - f(x64 - h * d)) / (2 * h)
+    np.testing.assert_allclose(
+      float(jnp.sum(jax.grad(f)(x64) * d)), float(fd), rtol=1e-7
+    )
+  # bfloat16 logits: the gradient comes back in bfloat16.
+  gb = jax.grad(f)(x32.astype(jnp.bfloat16))
+  assert gb.dtype == jnp.bfloat16
+
+
+def test_fused_loss_equals_the_default_loss(model):
+  from dataweights.train.step import lm_loss, lm_loss_fused
+
+  tok = _tokens(5)
+  mask = jnp.ones((B, L), bool).at[1, 7:].set(False)
+  graphdef, params = nnx.split(model, nnx.Param)
+  batch = {"tokens_BxL": tok, "mask_BxL": mask}
+
+  def total(params, fn):
+    return jnp.sum(
+      fn(nnx.merge(graphdef, params), batch, None) * jnp.arange(1.0, B + 1)
+    )
+
+  v1, g1 = jax.jit(jax.value_and_grad(total), static_argnums=1)(params, lm_loss)
+  v2, g2 = jax.jit(jax.value_and_grad(total), static_argnums=1)(
+    params, lm_loss_fused
+  )
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -19,6 +19,7 @@ from typing import Any
 
 from dataweights.configs.base import (
   ConfigError,
+  check_choice,
   check_int,
   check_positive,
   check_profile,
@@ -81,6 +82,9 @@ class ScaleBiOChapterConfig:
     weight_decay: AdamW decay of ``w`` and ``u`` (the paper: 5e-4).
     lisa_active: LISA's active blocks (0: no LISA).
     lisa_period: steps between LISA redraws.
+    w_pass: ``ScaleBiO.w_pass``: ``joint`` (one pass of ``w`` over the
+      training and validation rows; the book's runs) or ``split`` (two
+      passes: the lower memory peak at GPT-2 scale, the paper profile).
     seeds: independent runs (sampling order, LISA draws), vmapped.
     pad_sources: the ScaleBiO runs carry this many source weights, the
       unused ones fixed at exactly 0, so that every experiment of the
@@ -108,6 +112,7 @@ class ScaleBiOChapterConfig:
   weight_decay: float = 5e-4
   lisa_active: int = 0
   lisa_period: int = 20
+  w_pass: str = "joint"
   seeds: tuple[int, ...] = (0, 1, 2)
   pad_sources: int = 10
 
@@ -120,6 +125,7 @@ class ScaleBiOChapterConfig:
     check_int(self, "pretrain_steps", "warmup_steps", "lisa_active", minimum=0)
     check_positive(self, "alpha", "lr_w", "lr_u", "lr_p", "pretrain_lr")
     check_positive(self, "weight_decay", allow_zero=True)
+    check_choice(self, "w_pass", ("joint", "split"))
     if self.d_model % self.num_heads:
       raise ConfigError(
         f"{type(self).__name__}.d_model = {self.d_model} is not divisible "
@@ -258,6 +264,7 @@ _PAPER: dict[str, Any] = dict(
   warmup_steps=100,
   lisa_active=2,
   lisa_period=20,
+  w_pass="split",
 )
 _NOISE = {"smoke": dict(_SMOKE, partitions=4), "book": {}, "paper": _PAPER}
 _TWO = {"smoke": _SMOKE, "book": dict(steps=100), "paper": _PAPER}

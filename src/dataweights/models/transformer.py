@@ -657,6 +657,8 @@ def per_token_loss(
   logits_BxLxV: jax.Array,
   targets_BxL: jax.Array,
   mask_BxL: jax.Array | None = None,
+  *,
+  fused: bool = False,
 ) -> jax.Array:
   """Cross-entropy ``-log softmax(logits)[target]`` per token, 0 where masked.
 
@@ -664,6 +666,9 @@ def per_token_loss(
     logits_BxLxV: unnormalised log-probabilities.
     targets_BxL: integer ids in ``[0, V)``.
     mask_BxL: optional weights (1 = count the token, 0 = ignore).
+    fused: use :func:`token_xent` (the same function with a hand-written,
+      leaner backward pass; equal up to float rounding). Off by default so
+      that published results keep their exact numerics.
 
   Returns:
     loss_BxL in float32 (nats).
@@ -673,19 +678,76 @@ def per_token_loss(
       :mod:`dataweights.models.ids`).
   """
   check_token_ids(targets_BxL, logits_BxLxV.shape[-1], "targets_BxL")
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  loss_BxL = -jnp.take_along_axis(
-    logp_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
-  )[..., 0]
+  if fused:
+    loss_BxL = token_xent(logits_BxLxV, targets_BxL)
+  else:
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    loss_BxL = -jnp.take_along_axis(
+      logp_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1
+    )[..., 0]
   if mask_BxL is not None:
     loss_BxL = loss_BxL * mask_BxL.astype(jnp.float32)
   return loss_BxL
+
+
+@jax.custom_vjp
+def token_xent(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """``logsumexp(logits) - logits[target]`` per token, with a lean gradient.
+
+  The same function as ``-log_softmax(logits)[target]`` (equal up to float
+  rounding: tests/test_transformer.py), with a hand-written backward pass
+  ``g * (softmax(logits) - onehot(target))`` computed in one elementwise
+  pass from the saved logits and log-normaliser. Autodiff of
+  :func:`jax.nn.log_softmax` followed by a gather leaves the fusion of the
+  backward to XLA, which may keep several ``(B, L, V)`` buffers alive at
+  once (the log-probabilities, their exponential, a zero-filled scatter
+  target for the gather's transpose, and copies); here the backward holds
+  the logits and one ``(B, L, V)`` gradient. With GPT-2's vocabulary of
+  50,257 every such buffer is 206 MB per 1,024-token row in float32
+  (benchmarks/bench_scalebio.py --part memory).
+
+  Args:
+    logits_BxLxV: unnormalised log-probabilities (any float dtype; the
+      loss is computed in float32, or float64 for float64 logits).
+    targets_BxL: integer ids in ``[0, V)`` (not checked here).
+
+  Returns:
+    loss_BxL, float32 nats (float64 for float64 logits).
+  """
+  return _token_xent_fwd(logits_BxLxV, targets_BxL)[0]
+
+
+def _xent_dtype(dtype):
+  return jnp.promote_types(dtype, jnp.float32)  # bf16 -> f32, f64 stays
+
+
+def _token_xent_fwd(logits_BxLxV, targets_BxL):
+  x = logits_BxLxV.astype(_xent_dtype(logits_BxLxV.dtype))
+  lse_BxL = jax.nn.logsumexp(x, axis=-1)
+  tgt_BxL = jnp.take_along_axis(
+    x, targets_BxL[..., None].astype(jnp.int32), axis=-1
+  )[..., 0]
+  return lse_BxL - tgt_BxL, (logits_BxLxV, lse_BxL, targets_BxL)
+
+
+def _token_xent_bwd(res, g_BxL):
+  logits_BxLxV, lse_BxL, targets_BxL = res
+  x = logits_BxLxV.astype(_xent_dtype(logits_BxLxV.dtype))
+  vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  onehot = vocab == targets_BxL[..., None].astype(jnp.int32)
+  d = (jnp.exp(x - lse_BxL[..., None]) - onehot) * g_BxL[..., None]
+  return d.astype(logits_BxLxV.dtype), None
+
+
+token_xent.defvjp(_token_xent_fwd, _token_xent_bwd)
 
 
 def per_example_loss(
   logits_BxLxV: jax.Array,
   targets_BxL: jax.Array,
   mask_BxL: jax.Array | None = None,
+  *,
+  fused: bool = False,
 ) -> jax.Array:
   """Mean cross-entropy over each example's unmasked tokens.
 
@@ -697,7 +759,7 @@ def per_example_loss(
   Returns:
     loss_B in float32 (nats per token).
   """
-  loss_BxL = per_token_loss(logits_BxLxV, targets_BxL, mask_BxL)
+  loss_BxL = per_token_loss(logits_BxLxV, targets_BxL, mask_BxL, fused=fused)
   if mask_BxL is None:
     return loss_BxL.mean(-1)
   count_B = mask_BxL.astype(jnp.float32).sum(-1)

@@ -31,6 +31,23 @@ slot is gathered with a ``lax.switch`` over the blocks, and stacked blocks
 (every leaf under ``params[block_key]`` has a leading layer axis, the
 scanned model), where gather and scatter index the layer axis.
 
+Fixed blocks (the lean mode). With the active set chosen inside the
+compiled step, the step still computes the weight gradients of the frozen
+blocks (then drops them), and they take memory. Under
+:func:`fixed_blocks` the active set is a Python constant of the traced
+step: the step differentiates with respect to the rest and the active
+blocks only (:func:`freeze_inactive`, used by
+:func:`dataweights.train.step.make_grad_fn`), the frozen blocks are
+constants of the program (no weight-gradient matmul, no gradient buffer)
+and this transformation gathers and scatters the slots by constant
+indices. One program is compiled per active set (at most ``C(N, k)``);
+:class:`dataweights.train.loop.Trainer` does it with ``fixed_blocks=``
+and :func:`blocks_at` (the host twin of the in-step draw), and the result
+equals the in-step mode up to float summation order
+(tests/test_lisa.py). The savings need the unrolled block list: with
+stacked blocks (one ``lax.scan``) every layer's weight gradient is formed
+inside the scan.
+
 Gradient clipping (``grad_clip``) uses the global norm of what is trained:
 the rest and the active blocks. With ``num_active`` equal to the number of
 blocks and a period longer than the run, the transformation is AdamW
@@ -39,7 +56,10 @@ blocks and a period longer than the run, the transformation is AdamW
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +67,110 @@ import jax.numpy as jnp
 import optax
 
 Path = tuple[Any, ...]
+
+_FIXED: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+  "dataweights_lisa_fixed_blocks", default=None
+)
+
+
+@contextlib.contextmanager
+def fixed_blocks(active: Sequence[int]) -> Iterator[tuple[int, ...]]:
+  """Traces a step with these active blocks as constants (the lean mode).
+
+  Use it *inside* the function that ``jax.jit`` traces, with one jitted
+  function per active set (a jit cache does not see this context)::
+
+    def step_for(active):
+      def step(state, batch):
+        with lisa.fixed_blocks(active):
+          return train_step(state, batch)
+      return jax.jit(step)
+
+  The active set must be the one the LISA state is in at that update:
+  :func:`blocks_at` of the update count (the transformation trusts it; a
+  wrong set trains other blocks than the in-step draw would).
+
+  Args:
+    active: the active block indices (any order, no repeats).
+
+  Raises:
+    ValueError: repeated or negative indices.
+  """
+  fixed = tuple(sorted(int(a) for a in active))
+  if len(set(fixed)) != len(fixed) or (fixed and fixed[0] < 0):
+    raise ValueError(
+      f"fixed LISA blocks {tuple(active)} are invalid; they must be "
+      "distinct block indices >= 0"
+    )
+  token = _FIXED.set(fixed)
+  try:
+    yield fixed
+  finally:
+    _FIXED.reset(token)
+
+
+def current_fixed_blocks() -> tuple[int, ...] | None:
+  """The active blocks fixed by :func:`fixed_blocks`, or None."""
+  return _FIXED.get()
+
+
+def _block_index(path: Path, block_key: str) -> int | None:
+  if len(path) >= 2 and path[0] == block_key and isinstance(path[1], int):
+    return path[1]
+  return None
+
+
+def freeze_inactive(params: Any, block_key: str = "blocks") -> Any:
+  """``params`` with the frozen blocks behind ``stop_gradient``.
+
+  Under :func:`fixed_blocks` and with a block list
+  (``params[block_key][i]``), the leaves of blocks outside the active set
+  are wrapped in ``jax.lax.stop_gradient``: autodiff neither forms their
+  weight gradients nor keeps what only those need; their gradients are
+  zeros. Outside :func:`fixed_blocks`, or with stacked blocks, ``params``
+  is returned unchanged.
+  """
+  fixed = _FIXED.get()
+  if fixed is None:
+    return params
+
+  def f(path, x):
+    b = _block_index(_plain(path), block_key)
+    return x if b is None or b in fixed else jax.lax.stop_gradient(x)
+
+  return jax.tree_util.tree_map_with_path(f, params)
+
+
+def trainable_leaves(tree: Any, block_key: str = "blocks"):
+  """``(leaves, rebuild)``: the leaves of what is trained, and the inverse.
+
+  Under :func:`fixed_blocks` with a block list, ``leaves`` omits the frozen
+  blocks' leaves and ``rebuild(leaves)`` puts zeros back in their place
+  (constants: XLA does not store them unless something forces it). Use it
+  to pass gradients through an optimisation barrier, which would
+  otherwise materialise the frozen blocks' zero gradients. Outside
+  :func:`fixed_blocks`, every leaf.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  fixed = _FIXED.get()
+  keep = [
+    fixed is None
+    or (b := _block_index(_plain(p), block_key)) is None
+    or b in fixed
+    for p, _ in flat
+  ]
+  leaves = [x for (_, x), k in zip(flat, keep) if k]
+  shapes = [(jnp.shape(x), x.dtype) for _, x in flat]
+
+  def rebuild(new_leaves):
+    it = iter(new_leaves)
+    out = [
+      next(it) if k else jnp.zeros(shape, dtype)
+      for k, (shape, dtype) in zip(keep, shapes)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  return leaves, rebuild
 
 
 def _plain(path: Any) -> Path:
@@ -183,6 +307,50 @@ class BlockLayout:
       "slots": _nest([(self.slot_path(s), x) for s, x in zip(self.sub, slots)]),
     }
 
+  def compact_fixed(self, tree: Any, active: tuple[int, ...]) -> dict:
+    """:meth:`compact` with the active blocks as Python constants."""
+    leaves = jax.tree.leaves(tree)
+    rest = _nest([(self.paths[i], leaves[i]) for i in self.rest_idx])
+    if self.stacked:
+      idx = jnp.asarray(active, jnp.int32)
+      slots = [
+        jnp.take(leaves[self.leaf_idx[s]], idx, axis=0) for s in self.sub
+      ]
+    else:
+      slots = [
+        jnp.stack([leaves[self.block_leaf[a][j]] for a in active])
+        for j in range(len(self.sub))
+      ]
+    return {
+      "rest": rest,
+      "slots": _nest([(self.slot_path(s), x) for s, x in zip(self.sub, slots)]),
+    }
+
+  def expand_fixed(
+    self, compact: dict, active: tuple[int, ...], dtypes: list
+  ) -> Any:
+    """:meth:`expand` with the active blocks as Python constants."""
+    out: list[Any] = [None] * len(self.paths)
+    for i in self.rest_idx:
+      out[i] = _get(compact["rest"], self.paths[i])
+    slots = {s: _get(compact["slots"], self.slot_path(s)) for s in self.sub}
+    if self.stacked:
+      idx = jnp.asarray(active, jnp.int32)
+      for s in self.sub:
+        i = self.leaf_idx[s]
+        neg0 = jnp.full(
+          (self.num_blocks, *self.block_shapes[s]), -0.0, dtypes[i]
+        )
+        out[i] = neg0.at[idx].set(slots[s].astype(dtypes[i]))
+    else:
+      for b in range(self.num_blocks):
+        for s, i in zip(self.sub, self.block_leaf[b]):
+          if b in active:
+            out[i] = slots[s][active.index(b)].astype(dtypes[i])
+          else:
+            out[i] = jnp.full(self.block_shapes[s], -0.0, dtypes[i])
+    return jax.tree_util.tree_unflatten(self.treedef, out)
+
   def expand(self, compact: dict, active_K: jax.Array, dtypes: list) -> Any:
     """The full tree: the rest and the slots in place, ``-0.0`` elsewhere."""
     out: list[Any] = [None] * len(self.paths)
@@ -214,6 +382,42 @@ def choose_blocks(
   key = jax.random.fold_in(jax.random.key(seed), period_index)
   pick = jax.random.choice(key, num_blocks, (num_active,), replace=False)
   return jnp.sort(pick).astype(jnp.int32)
+
+
+def blocks_at(
+  step: int, *, seed: int, period: int, num_blocks: int, num_active: int
+) -> tuple[int, ...]:
+  """The active blocks of update ``step`` (0-based), computed on the host.
+
+  The same draw as the transformation's in-step choice (period
+  ``step // period``); what :func:`fixed_blocks` needs for that update.
+  """
+  with jax.ensure_compile_time_eval():
+    pick = choose_blocks(seed, int(step) // int(period), num_blocks, num_active)
+  return tuple(int(a) for a in jax.device_get(pick))
+
+
+def block_schedule(
+  *, seed: int, period: int, num_blocks: int, num_active: int
+) -> Callable[[int], tuple[int, ...]]:
+  """``step -> active blocks`` for :class:`~dataweights.train.loop.Trainer`'s
+  ``fixed_blocks`` (:func:`blocks_at` with these settings)."""
+  return functools.partial(
+    blocks_at,
+    seed=seed,
+    period=period,
+    num_blocks=num_blocks,
+    num_active=num_active,
+  )
+
+
+def _check_fixed(fixed: tuple[int, ...], num_blocks: int, num_active: int):
+  if len(fixed) != num_active or fixed[-1] >= num_blocks:
+    raise ValueError(
+      f"fixed LISA blocks {fixed} are invalid for a model with {num_blocks} "
+      f"blocks and num_active = {num_active}: give {num_active} distinct "
+      f"indices in [0, {num_blocks})"
+    )
 
 
 def lisa(
@@ -306,13 +510,20 @@ def lisa(
     lay = layout(params)
     count = state.count
     fresh = count % period == 0
-    active_K = jnp.where(
-      fresh,
-      choose_blocks(seed, count // period, lay.num_blocks, num_active),
-      state.active_K,
-    )
-    g = lay.compact(grads, active_K)
-    p = lay.compact(params, active_K)
+    fixed = _FIXED.get()
+    if fixed is not None:
+      _check_fixed(fixed, lay.num_blocks, num_active)
+      active_K = jnp.asarray(fixed, jnp.int32)
+      g = lay.compact_fixed(grads, fixed)
+      p = lay.compact_fixed(params, fixed)
+    else:
+      active_K = jnp.where(
+        fresh,
+        choose_blocks(seed, count // period, lay.num_blocks, num_active),
+        state.active_K,
+      )
+      g = lay.compact(grads, active_K)
+      p = lay.compact(params, active_K)
     if grad_clip:
       g, _ = optax.clip_by_global_norm(grad_clip).update(g, optax.EmptyState())
     # A new period: the slots start a fresh AdamW (zero moments, count 0).
@@ -326,7 +537,10 @@ def lisa(
       lambda u: (-lr * u).astype(u.dtype), {"rest": u_rest, "slots": u_slots}
     )
     dtypes = [x.dtype for x in jax.tree.leaves(grads)]
-    updates = lay.expand(scaled, active_K, dtypes)
+    if fixed is not None:
+      updates = lay.expand_fixed(scaled, fixed, dtypes)
+    else:
+      updates = lay.expand(scaled, active_K, dtypes)
     return updates, LisaState(count + 1, active_K, rest, slots)
 
   return optax.GradientTransformation(init, update)

@@ -44,6 +44,7 @@ with warnings.catch_warnings():
 from dataweights import metrics as metrics_lib
 from dataweights.checkpoint import CheckpointError, CheckpointManager
 from dataweights.configs.train import RESUME_MUTABLE_FIELDS, TrainConfig
+from dataweights.train import lisa as lisa_lib
 from dataweights.train import optim
 from dataweights.train.feeder import Feeder
 from dataweights.train.method import Method, check_batches
@@ -121,6 +122,13 @@ class Trainer:
     tx: the optimiser (default :func:`~dataweights.train.optim.make_optimizer`
       of ``train_cfg``), e.g. LISA (:mod:`dataweights.train.lisa`) or a
       method's own (:meth:`~dataweights.train.scalebio.ScaleBiO.w_optimizer`).
+    fixed_blocks: LISA's lean mode: ``fixed_blocks(step) -> active blocks``
+      of update ``step`` (:func:`dataweights.train.lisa.block_schedule`,
+      :meth:`~dataweights.train.scalebio.ScaleBiO.lisa_schedule`). Each
+      step runs a program compiled for its period's active set
+      (:func:`dataweights.train.lisa.fixed_blocks`; one compile per
+      distinct set, cached), in which frozen blocks get no weight
+      gradient. Needs a LISA optimiser with the same seed and period.
   """
 
   def __init__(
@@ -136,6 +144,7 @@ class Trainer:
     use_rng: bool | None = None,
     method: Method | None = None,
     tx: optax.GradientTransformation | None = None,
+    fixed_blocks: Callable[[int], Sequence[int]] | None = None,
   ):
     from dataweights import sharding
 
@@ -188,6 +197,8 @@ class Trainer:
     self.jit_step = jit_train_step(
       self.step_fn, shardings, self.batch_sharding, self.repl_sharding
     )
+    self.fixed_blocks = fixed_blocks
+    self._fixed_steps: dict[tuple[int, ...], Callable[..., Any]] = {}
     self.config = _config_dict(model_cfg, train_cfg, extra.keys())
     if method is not None:
       self.config["method"] = _method_config(method)
@@ -291,6 +302,26 @@ class Trainer:
     w = self.method.sampling_weights(self.state.extra["method"])
     return None if w is None else np.asarray(jax.device_get(w), np.float64)
 
+  def step_for(self, step: int) -> Callable[..., Any]:
+    """The jitted step that runs update ``step`` (0-based).
+
+    ``jit_step``, or with ``fixed_blocks`` the step compiled for that
+    update's active LISA blocks (built on first use, then cached).
+    """
+    if self.fixed_blocks is None:
+      return self.jit_step
+    active = tuple(sorted(int(a) for a in self.fixed_blocks(step)))
+    if active not in self._fixed_steps:
+
+      def fixed_step(state, batches, _active=active):
+        with lisa_lib.fixed_blocks(_active):
+          return self.step_fn(state, batches)
+
+      self._fixed_steps[active] = jit_train_step(
+        fixed_step, self.shardings, self.batch_sharding, self.repl_sharding
+      )
+    return self._fixed_steps[active]
+
   def run(
     self,
     batches: Any,
@@ -387,7 +418,7 @@ class Trainer:
         batch = self.put_batch(feeder.next(start, host_w))
         for s in range(start, total):
           done = s + 1
-          self.state, m = self.jit_step(self.state, batch)
+          self.state, m = self.step_for(s)(self.state, batch)
           new_w = m.get(SAMPLING_WEIGHTS)
           previous, in_flight = in_flight, (done, m)
           if previous is not None:

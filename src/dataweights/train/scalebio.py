@@ -22,11 +22,21 @@ that the step's one gradient is ``grad_w [L_val(w) + alpha L_tr(w, lam)]``
 ``1 / B_val``); :meth:`ScaleBiO.update` undoes the step's normalisation by
 the weight sum, takes ``u``'s gradient on the training rows, the
 ``p``-gradient from both models' per-source losses, and steps ``u`` and
-``p``. All three gradients are taken at the same ``(w, u, p)``.
+``p``. All three gradients are taken at the same ``(w, u, p)``. That is
+``w_pass="joint"`` (the default; the chapter's runs). ``w_pass="split"``
+takes ``w``'s gradient in two passes instead, the training rows and then
+the validation rows (:meth:`ScaleBiO.loss_and_grads`), so that no pass holds
+more rows than the larger batch: at GPT-2 124M shape this is what brings
+the compiled peak per device from about 2x plain fine-tuning to about 1.2x
+(benchmarks/bench_scalebio.py).
 
 LISA (``lisa_active > 0``) freezes the same blocks in ``u`` and ``w``: both
 optimisers are :func:`dataweights.train.lisa.lisa` with the same seed and
-period and are updated in lockstep. Batches are drawn uniformly over the
+period and are updated in lockstep. With
+``Trainer(fixed_blocks=method.lisa_schedule(num_blocks))`` each period's
+step is compiled with its active blocks fixed, and the frozen blocks get
+no weight gradient in any of the three passes
+(:func:`dataweights.train.lisa.fixed_blocks`). Batches are drawn uniformly over the
 sources (:class:`dataweights.data.instructions.PairSampler`); ``lam`` only
 reweights the losses, so the method emits no sampling weights.
 
@@ -61,6 +71,7 @@ from dataweights.train import optim
 from dataweights.train.method import Method, StepContext
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+W_PASSES: tuple[str, ...] = ("joint", "split")
 
 
 def _scaled(schedule: optax.Schedule, tau: float, round_steps: int):
@@ -98,6 +109,15 @@ class ScaleBiO(Method):
     lisa_active: LISA's active blocks in ``u`` and ``w`` (0: no LISA).
     lisa_period: steps between redraws of the active blocks.
     lisa_seed: seed of the block choice (shared by ``u`` and ``w``).
+    w_pass: how ``w``'s gradient is taken. ``joint``: one pass over the
+      training and validation rows together (fewer, larger calls: the
+      faster choice for small models). ``split``: the training rows in the
+      step's pass and the validation rows in a second pass, after it, then
+      ``u``'s pass after that (optimisation barriers order them), so that
+      no pass holds more rows than the larger of the two batches: the
+      compiled peak stays near one plain fine-tuning step's activations
+      (benchmarks/bench_scalebio.py). The same gradients up to float
+      summation order (tests/test_scalebio_train.py).
   """
 
   name: str = "scalebio"
@@ -121,6 +141,7 @@ class ScaleBiO(Method):
   lisa_active: int = 0
   lisa_period: int = 20
   lisa_seed: int = 0
+  w_pass: str = "joint"
   batches = ("valid",)
 
   def __post_init__(self):
@@ -131,6 +152,7 @@ class ScaleBiO(Method):
     check_int(self, "steps", "lisa_period")
     check_int(self, "lisa_seed", minimum=0)
     check_choice(self, "optimizer", OPTIMIZERS)
+    check_choice(self, "w_pass", W_PASSES)
     check_choice(self, "schedule", SCHEDULES)
     check_choice(self, "scale_lr_by_tau", (True, False))
     check_in_range(self, "min_lr_ratio", 0.0, 1.0)
@@ -200,6 +222,24 @@ class ScaleBiO(Method):
       self._cfg(self.lr_u, self.weight_decay_u, self.grad_clip_u), lisa=True
     )
 
+  def lisa_schedule(self, num_blocks: int):
+    """``step -> active blocks`` of ``u``'s and ``w``'s LISA, for the
+    trainer's lean mode (``Trainer(fixed_blocks=...)``).
+
+    Raises:
+      ConfigError: LISA is off (``lisa_active = 0``).
+    """
+    if not self.lisa_active:
+      raise ConfigError(
+        "ScaleBiO.lisa_schedule needs LISA; lisa_active = 0 is invalid here"
+      )
+    return lisa_lib.block_schedule(
+      seed=self.lisa_seed,
+      period=self.lisa_period,
+      num_blocks=num_blocks,
+      num_active=self.lisa_active,
+    )
+
   def p_optimizer(self) -> optax.GradientTransformation:
     """The source logits' optimiser: AdamW (no decay) with ``lr_p``."""
     return self._tx(self._cfg(self.lr_p, 0.0, 0.0), lisa=False)
@@ -237,6 +277,10 @@ class ScaleBiO(Method):
     k = mstate["p_K"].shape[0]
     lam_K = sb.lambdas(mstate["p_K"])
     alpha = self._alpha(ctx.step)
+    if self.w_pass == "split":
+      # The passes are taken in loss_and_grads().
+      weight_B = alpha * sb.example_weights(train["domain_B"], lam_K)
+      return dict(train), weight_B, mstate
     b_val = valid["tokens_BxL"].shape[0]
     weight_B = jnp.concatenate(
       [
@@ -256,6 +300,45 @@ class ScaleBiO(Method):
     )
     return batch, weight_B, mstate
 
+  def _step_u(self, mstate, ctx: StepContext, train, wt_B):
+    """``u``'s pass on the training rows and its optimiser step."""
+    u = mstate["u"]
+    _, loss_u_B, g_u = ctx.grad_fn(u, train, wt_B)
+    # grad_fn normalises by the weight sum: alpha grad L_tr(u, lam) exactly.
+    g_u = jax.tree.map(lambda g: g * jnp.sum(wt_B).astype(g.dtype), g_u)
+    u_upd, u_opt = self.u_optimizer().update(g_u, mstate["u_opt"], u)
+    return optax.apply_updates(u, u_upd), u_opt, loss_u_B
+
+  def loss_and_grads(self, mstate, ctx: StepContext, batch, weight_B, key):
+    """``w_pass="split"``: ``w``'s two passes, the validation rows' second.
+
+    The training rows' pass, then (after an optimisation barrier that
+    carries the gradient, the parameters and the validation rows, so that
+    XLA starts the pass, parameter gathers included, only then) the
+    validation rows' pass. Returns ``w``'s gradient unnormalised,
+    ``grad_w [L_val(w) + alpha L_tr(w, lam)]``; :meth:`update` takes
+    ``u``'s pass after both and steps ``u`` and ``p``. (``u`` first would
+    be no better: the step keeps the old state alive to its end for the
+    non-finite guard, so a ``u`` updated early is an extra copy.) Dropout
+    is not used (as in the joint form).
+    """
+    del key
+    if self.w_pass != "split":
+      return None
+    loss, loss_B, g_tr = ctx.grad_fn(ctx.params, batch, weight_B)
+    weight_sum = jnp.sum(weight_B)
+    g_tr = jax.tree.map(lambda g: g * weight_sum.astype(g.dtype), g_tr)
+    # Only what is trained passes the barrier (frozen LISA blocks' zero
+    # gradients would be stored by it).
+    g_live, rebuild = lisa_lib.trainable_leaves(g_tr)
+    g_live, w, valid = jax.lax.optimization_barrier(
+      (g_live, ctx.params, ctx.batches["valid"])
+    )
+    g_tr = rebuild(g_live)
+    _, val_B, g_val = ctx.grad_fn(w, valid, None)
+    g_w = jax.tree.map(jnp.add, g_tr, g_val)
+    return (loss, loss_B, g_w, weight_sum), dict(mstate, _val_B=val_B)
+
   def update(self, mstate, ctx: StepContext, grads, loss_B, batch):
     train = ctx.batches["train"]
     b = train["tokens_BxL"].shape[0]
@@ -263,21 +346,27 @@ class ScaleBiO(Method):
     lam_K = sb.lambdas(mstate["p_K"])
     alpha = self._alpha(ctx.step)
     wt_B = alpha * sb.example_weights(train["domain_B"], lam_K)
-    # The step's gradient is normalised by the weight sum
-    # alpha * sum_{present} lam_k + 1; undo it: grad_w F exactly.
-    total = jnp.sum(wt_B) + 1.0
-    g_w = jax.tree.map(lambda g: g * total.astype(g.dtype), grads)
-    loss_w_B, val_B = loss_B[:b], loss_B[b:]
+    if self.w_pass == "split":
+      # loss_and_grads took w's two passes: grad_w F, unnormalised.
+      mstate = dict(mstate)
+      val_B = mstate.pop("_val_B")
+      g_w, loss_w_B = grads, loss_B
+    else:
+      # The step's gradient is normalised by the weight sum
+      # alpha * sum_{present} lam_k + 1; undo it: grad_w F exactly.
+      total = jnp.sum(wt_B) + 1.0
+      g_w = jax.tree.map(lambda g: g * total.astype(g.dtype), grads)
+      loss_w_B, val_B = loss_B[:b], loss_B[b:]
     # u: descends alpha L_tr(u, lam) on the same rows. The barrier makes
-    # u's pass wait for w's gradients: the two passes are independent, and
-    # XLA otherwise keeps both passes' activations alive at once (compiled
-    # peak at GPT-2 124M shape, benchmarks/bench_scalebio.py).
-    g_w, u, train = jax.lax.optimization_barrier((g_w, mstate["u"], train))
-    _, loss_u_B, g_u = ctx.grad_fn(u, train, wt_B)
-    g_u = jax.tree.map(lambda g: g * jnp.sum(wt_B).astype(g.dtype), g_u)
-    u_tx = self.u_optimizer()
-    u_upd, u_opt = u_tx.update(g_u, mstate["u_opt"], u)
-    u_new = optax.apply_updates(u, u_upd)
+    # u's pass wait for w's gradients: the passes are independent, and XLA
+    # otherwise keeps their activations alive at once (compiled peak at
+    # GPT-2 124M shape, benchmarks/bench_scalebio.py).
+    g_live, rebuild = lisa_lib.trainable_leaves(g_w)
+    g_live, u, train = jax.lax.optimization_barrier(
+      (g_live, mstate["u"], train)
+    )
+    g_w = rebuild(g_live)
+    u_new, u_opt, loss_u_B = self._step_u(dict(mstate, u=u), ctx, train, wt_B)
     # p: grad_p F = J(lam)^T alpha (m^w - m^u).
     m_w, count_K = sb.source_means(loss_w_B, train["domain_B"], k)
     m_u, _ = sb.source_means(loss_u_B, train["domain_B"], k)
@@ -334,6 +423,7 @@ SCALEBIO_PRESETS: dict[str, dict[str, Any]] = {
   "book": dict(steps=300, lr_u=1e-3, lr_p=5e-2),
   # The released GPT-2 / 8B scripts: alpha 10 (100 at 8B), peak lr 1e-5,
   # lambda lr 1e-2, cosine, decay 5e-4; LISA 2 blocks every 20 steps.
+  # w_pass "split": the lower peak memory at GPT-2 scale.
   "paper": dict(
     steps=3000,
     lr_u=1e-5,
@@ -341,6 +431,7 @@ SCALEBIO_PRESETS: dict[str, dict[str, Any]] = {
     schedule="cosine",
     lisa_active=2,
     lisa_period=20,
+    w_pass="split",
   ),
 }
 

@@ -45,6 +45,7 @@ import optax
 from flax import nnx
 
 from dataweights import metrics as metrics_lib
+from dataweights.train import lisa as lisa_lib
 from dataweights.train.method import Method, Plain, StepContext
 from dataweights.train.state import StaticParts, TrainState
 
@@ -56,7 +57,11 @@ LossFn = Callable[[nnx.Module, Batch, jax.Array | None], jax.Array]
 
 
 def lm_loss(
-  model: nnx.Module, batch: Batch, key: jax.Array | None
+  model: nnx.Module,
+  batch: Batch,
+  key: jax.Array | None,
+  *,
+  fused: bool = False,
 ) -> jax.Array:
   """Per-example next-token cross-entropy (nats/token), the default loss.
 
@@ -74,6 +79,9 @@ def lm_loss(
       ``dropout_key`` keyword when ``key`` is not None.
     batch: ``{"tokens_BxL": int, "mask_BxL": optional padding mask}``.
     key: dropout key or None.
+    fused: the cross-entropy with a hand-written backward pass
+      (:func:`~dataweights.models.transformer.token_xent`; see
+      :func:`lm_loss_fused`).
 
   Returns:
     loss_B, float32.
@@ -87,7 +95,24 @@ def lm_loss(
     kwargs["mask_BxL"] = mask_BxL[:, :-1]
   logits_BxLxV = model(tokens_BxL[:, :-1], **kwargs)
   target_mask = None if mask_BxL is None else next_token_mask(mask_BxL)
-  return per_example_loss(logits_BxLxV, tokens_BxL[:, 1:], target_mask)
+  return per_example_loss(
+    logits_BxLxV, tokens_BxL[:, 1:], target_mask, fused=fused
+  )
+
+
+def lm_loss_fused(
+  model: nnx.Module, batch: Batch, key: jax.Array | None
+) -> jax.Array:
+  """:func:`lm_loss` with the lean cross-entropy backward pass.
+
+  The same loss up to float rounding; the backward pass holds the logits
+  and one gradient of their size instead of what XLA's fusion of the
+  autodiff of ``log_softmax`` keeps (several ``(B, L, V)`` buffers at
+  GPT-2's vocabulary). The project's chapters use :func:`lm_loss` (their
+  published numbers); large-vocabulary runs and the memory benchmark
+  (benchmarks/bench_scalebio.py) use this one.
+  """
+  return lm_loss(model, batch, key, fused=True)
 
 
 def example_weights(batch: Batch, extra: dict[str, Any]) -> jax.Array:
@@ -146,6 +171,9 @@ def make_grad_fn(
     raise ValueError(f"accumulation_steps = {num_micro} must be >= 1")
 
   def weighted_sum(params, model_state, micro, key):
+    # Under lisa.fixed_blocks the frozen blocks are constants: no weight
+    # gradient is formed for them (their gradients are zeros).
+    params = lisa_lib.freeze_inactive(params)
     model = nnx.merge(static.graphdef, params, model_state, copy=True)
     loss_B = loss_fn(model, micro, key).astype(jnp.float32)
     if loss_B.ndim != 1:
@@ -164,19 +192,25 @@ def make_grad_fn(
     else:
       micro_AxB = _split_microbatches(batch, num_micro)
 
+      # The carry holds only what is trained (all leaves unless
+      # lisa.fixed_blocks freezes blocks).
       def body(carry, inp):
         g_acc, t_acc = carry
         i, micro = inp
         k = None if key is None else jax.random.fold_in(key, i)
         (t, loss_b), g = vg(params, model_state, micro, k)
-        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t), loss_b
+        g_live, _ = lisa_lib.trainable_leaves(g)
+        return ([a + b for a, b in zip(g_acc, g_live)], t_acc + t), loss_b
 
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, total), loss_AxB = jax.lax.scan(
+      zeros, rebuild = lisa_lib.trainable_leaves(
+        jax.tree.map(jnp.zeros_like, params)
+      )
+      (g_live, total), loss_AxB = jax.lax.scan(
         body,
         (zeros, jnp.zeros((), jnp.float32)),
         (jnp.arange(num_micro), micro_AxB),
       )
+      grads = rebuild(g_live)
       loss_B = loss_AxB.swapaxes(0, 1).reshape(-1)  # back to batch order
     weight_sum = jnp.sum(weight_B)
     denom = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)

@@ -293,6 +293,7 @@ def scalebio_method(cfg: ScaleBiOChapterConfig) -> ScaleBiO:
     steps=1,  # a constant schedule does not depend on the run's length
     lisa_active=cfg.lisa_active,
     lisa_period=cfg.lisa_period,
+    w_pass=cfg.w_pass,
   )
 
 

@@ -235,12 +235,12 @@ def snapshot_report(root: str | None = None) -> str:
       f"{m['length']} tokens"
     )
     lines.append(
-      f"  {'step':<16}{'state MiB':>10}{'temp MiB':>10}{'peak MiB':>10}"
+      f"  {'step':<22}{'state MiB':>10}{'temp MiB':>10}{'peak MiB':>10}"
       f"{'x plain':>9}"
     )
     for name, r in m["rows"].items():
       lines.append(
-        f"  {name:<16}{r['argument_bytes'] / mib:>10.1f}"
+        f"  {name:<22}{r['argument_bytes'] / mib:>10.1f}"
         f"{r['temp_bytes'] / mib:>10.1f}"
         f"{r['peak_bytes_per_device'] / mib:>10.1f}"
         f"{r['peak_ratio_to_plain']:>9.2f}"
