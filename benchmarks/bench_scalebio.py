@@ -97,6 +97,8 @@ def part_memory(args, save) -> dict:
     if args.d_model:
       over["d_model"] = args.d_model
       over["d_mlp"] = 4 * args.d_model
+    if args.heads:
+      over["num_heads"] = args.heads
     cfg = lm.lm_model("paper", size="gpt2-124m", **over)
   mesh = sharding.make_mesh(lm.MeshConfig(data=1, fsdp=-1, model=1))
   n_dev = mesh.devices.size
@@ -294,6 +296,7 @@ def main() -> None:
     "--remat", default="dots_no_batch", help="ModelConfig.remat policy"
   )
   ap.add_argument("--d-model", type=int, default=0)
+  ap.add_argument("--heads", type=int, default=0)
   ap.add_argument("--active", type=int, nargs="*", default=[2])
   ap.add_argument(
     "--w-pass", choices=("joint", "split"), default="split",
