@@ -21,6 +21,7 @@ from flax import nnx
 from dataweights.configs import lm
 from dataweights.models.transformer import Transformer
 from dataweights.train import lisa, optim
+from jaxpr_counts import count_primitive
 
 N, D = 4, 3
 
@@ -315,20 +316,6 @@ def test_blocks_at_is_the_in_step_draw():
   )
 
 
-def _count_dots(jaxpr) -> int:
-  n = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      n += 1
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (list, tuple)) else [v]:
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          n += _count_dots(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          n += _count_dots(sub)
-  return n
-
-
 def test_fixed_blocks_form_no_weight_gradient_for_frozen_blocks():
   from dataweights.train.step import lm_loss
 
@@ -348,8 +335,8 @@ def test_fixed_blocks_form_no_weight_gradient_for_frozen_blocks():
     with lisa.fixed_blocks((1,)):
       return jax.grad(loss)(params)
 
-  full = _count_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-  lean = _count_dots(jax.make_jaxpr(grad_fixed)(params).jaxpr)
+  full = count_primitive(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  lean = count_primitive(jax.make_jaxpr(grad_fixed)(params).jaxpr)
   # Per block: 4 weight matmuls (query/key/value as one stacked
   # contraction, out, fc, proj), each with one weight-gradient matmul in
   # the backward pass; 3 blocks frozen.
