@@ -36,8 +36,8 @@ period and are updated in lockstep. With
 ``Trainer(fixed_blocks=method.lisa_schedule(num_blocks))`` each period's
 step is compiled with its active blocks fixed, and the frozen blocks get
 no weight gradient in any of the three passes
-(:func:`dataweights.train.lisa.fixed_blocks`). Batches are drawn uniformly over the
-sources (:class:`dataweights.data.instructions.PairSampler`); ``lam`` only
+(:func:`dataweights.train.lisa.fixed_blocks`). Batches are drawn
+uniformly over the sources (:class:`dataweights.data.instructions.PairSampler`); ``lam`` only
 reweights the losses, so the method emits no sampling weights.
 
 Checkpoints: the method state (``u``, both optimiser states of ``u`` and
@@ -110,14 +110,15 @@ class ScaleBiO(Method):
     lisa_period: steps between redraws of the active blocks.
     lisa_seed: seed of the block choice (shared by ``u`` and ``w``).
     w_pass: how ``w``'s gradient is taken. ``joint``: one pass over the
-      training and validation rows together (fewer, larger calls: the
-      faster choice for small models). ``split``: the training rows in the
-      step's pass and the validation rows in a second pass, after it, then
-      ``u``'s pass after that (optimisation barriers order them), so that
-      no pass holds more rows than the larger of the two batches: the
-      compiled peak stays near one plain fine-tuning step's activations
-      (benchmarks/bench_scalebio.py). The same gradients up to float
-      summation order (tests/test_scalebio_train.py).
+      training and validation rows together (the chapter's runs; the
+      step's ``loss`` metric covers both). ``split``: a pass over the
+      training rows, then one over the validation rows, then ``u``'s pass
+      (optimisation barriers order them), so that no pass holds more rows
+      than the larger of the two batches: the compiled peak stays near
+      one plain fine-tuning step's (benchmarks/bench_scalebio.py); the
+      step's ``loss`` metric is then the training rows' weighted loss.
+      Both give the three gradients of the penalty objective
+      (tests/test_scalebio.py).
   """
 
   name: str = "scalebio"
