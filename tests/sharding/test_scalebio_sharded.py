@@ -60,11 +60,16 @@ def _sources():
   }
 
 
-def _run(mesh_cfg, with_lisa):
+def _run(mesh_cfg, with_lisa, lean=False):
   mesh = None if mesh_cfg is None else sharding.make_mesh(mesh_cfg)
   if with_lisa:
     method = scalebio(
-      "smoke", lisa_active=1, lisa_period=2, eps=1e-4, lr_u=1e-2
+      "smoke",
+      lisa_active=1,
+      lisa_period=2,
+      eps=1e-4,
+      lr_u=1e-2,
+      w_pass="split" if lean else "joint",
     )
     cfg = train_configs.train(
       "smoke",
@@ -95,17 +100,21 @@ def _run(mesh_cfg, with_lisa):
     method=method,
     domain_names=NAMES,
     tx=method.w_optimizer(cfg),
+    # The lean mode: the split w pass and LISA's blocks fixed per step.
+    fixed_blocks=method.lisa_schedule(MODEL.num_layers) if lean else None,
   )
   init = jax.tree.map(np.array, jax.device_get(trainer.state.params))
   state, hist = trainer.run(_sources())
   return state, hist, init
 
 
-@pytest.mark.parametrize("with_lisa", [False, True])
-def test_scalebio_sharded_equals_single_device(with_lisa):
+@pytest.mark.parametrize(
+  "with_lisa, lean", [(False, False), (True, False), (True, True)]
+)
+def test_scalebio_sharded_equals_single_device(with_lisa, lean):
   assert jax.device_count() == 8
-  ref, ref_hist, init = _run(None, with_lisa)
-  state, hist, _ = _run(FSDP8, with_lisa)
+  ref, ref_hist, init = _run(None, with_lisa, lean)
+  state, hist, _ = _run(FSDP8, with_lisa, lean)
   ms = state.extra["method"]
   # u lives in the parameters' shards; lambda's logits are replicated.
   for p, u in zip(jax.tree.leaves(state.params), jax.tree.leaves(ms["u"])):
