@@ -66,8 +66,10 @@ def test_auto_for_a_matrix_vector_step():
   assert choice.residual_bytes < 0.02 * choice.step_flops
   # reading the data dominates: the forward directions share each read
   assert choice.step_flops < 4 * choice.data_bytes
-  assert choice.time_steps["forward"] == pytest.approx(1 + 0.45 * 4)
-  assert _choose(*_logistic(K=2), K=2, T=100).mode == "forward"
+  assert choice.time_steps["forward"] == pytest.approx(1 + 0.55 * 4)
+  # K = 2: 1 + 0.55 K = 2.1 > 2, reverse (forward lost by 12-54% in three
+  # of four runs of benchmarks/bench_mixing.py at T >= 100)
+  assert _choose(*_logistic(K=2), K=2, T=100).mode == "reverse"
 
 
 @pytest.mark.parametrize("make", [_mlp, _logistic])

@@ -436,8 +436,12 @@ FORWARD_STEPS_PER_DIRECTION = 1.5
 # DATA_BOUND_FLOPS_PER_BYTE FLOPs per byte of closed-over data and
 # minibatch, e.g. logistic regression): the K vmapped directions then share
 # each read of the data and cost FORWARD_STEPS_PER_DIRECTION_DATA_BOUND.
+# 0.55 (was 0.45): in four runs of benchmarks/bench_mixing.py on a shared
+# 2-core machine (benchmarks/results/mixing*.json) forward mode at logistic
+# K = 2, T >= 100 was 12-54% slower than reverse in three and 4% faster in
+# one; at 0.55 K = 2 gets reverse (1 + 0.55 K > 2), K = 1 forward.
 DATA_BOUND_FLOPS_PER_BYTE = 4.0
-FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.45
+FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.55
 REVERSE_STEPS = 2.0
 REMAT_STEPS = 3.0
 # With a single inner step θ_0 does not depend on w: reverse mode's sweep is
@@ -529,7 +533,7 @@ def choose_hypergrad_mode(
   ================  ============================  ==================
   mode              time (inner steps per step)   memory
   ================  ============================  ==================
-  forward           ``1 + 1.5 K``; ``1 + 0.45 K``  ``(K + 2) P + R``
+  forward           ``1 + 1.5 K``; ``1 + 0.55 K``  ``(K + 2) P + R``
                     if ``F`` < 4 x data bytes
   reverse           ``2``, or ``2 ρ / ρ*`` if     ``T (P + R) + P``
                     ``ρ = R / F > ρ* = 0.02``
@@ -543,7 +547,7 @@ def choose_hypergrad_mode(
   cheaper than storing it). Forward mode's K directions are vmapped: when
   the step does fewer than 4 FLOPs per byte of data it reads (its
   closed-over constants and minibatch), they share each read of the data
-  and cost 0.45 steps each, not 1.5. With ``T = 1``, ``θ_0`` does not
+  and cost 0.55 steps each, not 1.5. With ``T = 1``, ``θ_0`` does not
   depend on ``w``: reverse mode differentiates one step with respect to
   ``w`` alone (no Hessian product), so it wins for any K. Among the
   modes whose memory fits ``memory_budget_bytes`` the fastest wins, ties to
@@ -555,7 +559,7 @@ def choose_hypergrad_mode(
   reverse mode; a budget below ``T P`` forces forward mode; a step that
   stores many activations per FLOP (an MLP on many examples) gives
   ``reverse_remat``; a matrix-vector step (logistic regression) gives
-  ``reverse`` for ``K >= 3`` and ``forward`` for ``K <= 2``; a single
+  ``reverse`` for ``K >= 2`` and ``forward`` for ``K = 1``; a single
   step gives ``reverse``.
 
   Args:
