@@ -339,6 +339,9 @@ def goals(out: dict) -> dict:
   if cmp:
     v = cmp["variants"]
     g["mfu_median_ge_0.40"] = cmp["mfu_median"] >= 0.40
+    if "weight_dot" in v:  # the opt-in ModelConfig.weight_dot
+      r = v["weight_dot"]["project_step_over_this_paired"]["median"]
+      g["mfu_median_weight_dot"] = cmp["mfu_median"] * r
     for peer in ("linen", "maxtext", "maxtext_unrolled_minimal"):
       if peer in v:
         r = v[peer]["project_step_over_this_paired"]["median"]
@@ -353,6 +356,11 @@ def goals(out: dict) -> dict:
     )
     g["backward_over_forward_le_2.5_every_depth_unrolled"] = worst <= 2.5
     g["worst_backward_over_forward_unrolled"] = worst
+    if all("weight_dot" in r["variants"] for r in rows):
+      g["worst_backward_over_forward_weight_dot"] = max(
+        r["variants"]["weight_dot"]["backward_over_forward_paired_median"]
+        for r in rows
+      )
   return g
 
 
@@ -401,6 +409,7 @@ def main() -> None:
     variants = {
       "no_barrier": {"grad_barrier": False},
       "scan": {"scan_layers": True},
+      "weight_dot": {"weight_dot": True},
     }
     for policy in lm.REMAT_POLICIES:
       if policy != model_cfg.remat:

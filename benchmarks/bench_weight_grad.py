@@ -14,8 +14,9 @@ round; ratios are medians of the per-round ratios ``weight_dot / plain``):
   tokens: D -> F, F -> D, D -> 3D, D -> V), the weight gradient alone and
   input + weight gradients together, with the GFLOP/s of each next to the
   forward product's;
-* ``model``: the model's forward+backward (``lm_loss``, default config) and
-  the full jitted train step (AdamW), at each ``--depths``.
+* ``model``: the model's forward+backward (``lm_loss``) and the full jitted
+  train step (AdamW), at each ``--depths``, with ``ModelConfig.weight_dot``
+  off (the default, ``plain``) and on.
 
 XLA keeps its default threading (both cores): this is the speed the book
 runs at. Wall time, so use an otherwise idle machine.
@@ -27,7 +28,6 @@ runs at. Wall time, so use an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -54,17 +54,6 @@ def _plain_dot(x, w, num_in=1, preferred_element_type=None):
   return jnp.tensordot(
     x, w, axes=num_in, preferred_element_type=preferred_element_type
   )
-
-
-@contextlib.contextmanager
-def _weight_dot_is(impl):
-  """Traces the model with ``transformer.weight_dot`` replaced by ``impl``."""
-  saved = tr.weight_dot
-  tr.weight_dot = impl
-  try:
-    yield
-  finally:
-    tr.weight_dot = saved
 
 
 IMPLS = {"plain": _plain_dot, "weight_dot": tr.weight_dot}
@@ -146,8 +135,9 @@ def model(profile: str, depth: int, rounds: int, steps: int) -> dict:
   )
   tx = optim.make_optimizer(train_cfg)
   fb, fb_args, step_fns, states = {}, {}, {}, {}
-  for name, impl in IMPLS.items():
-    m = tr.Transformer(cfg, rngs=nnx.Rngs(0))
+  for name in IMPLS:
+    cfg_v = dataclasses.replace(cfg, weight_dot=name == "weight_dot")
+    m = tr.Transformer(cfg_v, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(m, nnx.Param)
 
     def loss(p, graphdef=graphdef):
@@ -155,9 +145,8 @@ def model(profile: str, depth: int, rounds: int, steps: int) -> dict:
 
     state, static, shardings = init_train_state(m, tx, seed=0)
     step = jit_train_step(make_train_step(static), shardings, single, single)
-    with _weight_dot_is(impl):
-      fb[name] = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
-      step_fns[name] = step.lower(state, batch).compile()
+    fb[name] = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    step_fns[name] = step.lower(state, batch).compile()
     fb_args[name] = (params,)
     states[name] = state
   out = {"layers": depth}

@@ -328,8 +328,9 @@ def depth_sweep(
   """Compile time, forward, fwd+bwd against depth, unrolled and scanned.
 
   Per depth the variants (unrolled and scanned with the project's
-  defaults; unrolled without barrier and remat, i.e. before the fix) are
-  compiled, then timed in interleaved rounds.
+  defaults; unrolled with ``weight_dot``; unrolled without barrier and
+  remat, i.e. before the fix) are compiled, then timed in interleaved
+  rounds.
   """
   rows = []
   for depth in depths:
@@ -338,6 +339,7 @@ def depth_sweep(
     for name, over in (
       ("unrolled", {}),
       ("scan", {"scan_layers": True}),
+      ("weight_dot", {"weight_dot": True}),
       # the model as it was before the fix: no barrier, no remat
       ("no_barrier_no_remat", {"grad_barrier": False, "remat": "none"}),
     ):

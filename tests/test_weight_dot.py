@@ -154,52 +154,63 @@ def _transposed_lhs_dots(hlo: str) -> list[str]:
   ]
 
 
-def _use_plain_tensordot(monkeypatch):
-  monkeypatch.setattr(
-    tr,
-    "weight_dot",
-    lambda x, w, n=1, t=None: jnp.tensordot(
-      x, w, axes=n, preferred_element_type=t
-    ),
-  )
+def test_compiled_weight_gradients_are_row_major_products():
+  """With ``weight_dot=True`` the gradient has no transposed-LHS weight gradient.
 
-
-def test_compiled_weight_gradients_are_row_major_products(monkeypatch):
-  """The model's gradient program has no transposed-LHS weight gradient.
-
-  The control: the same model through plain ``jnp.tensordot`` has one per
-  MLP kernel (2 per block). If a new XLA stops producing them, the control
-  fails and the custom rule should be re-measured (bench_weight_grad.py).
+  The control: the default model (plain ``jnp.tensordot``) has one per MLP
+  kernel (2 per block). If a new XLA stops producing them, the control fails
+  and the custom rule should be re-measured (bench_weight_grad.py).
   """
-  cfg = lm.lm_model("smoke", num_layers=2, d_model=32, num_heads=4, d_mlp=64)
-  tokens = jax.random.randint(jax.random.key(0), (3, 13), 0, cfg.vocab_size)
-  graphdef, params = nnx.split(tr.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  base = lm.lm_model("smoke", num_layers=2, d_model=32, num_heads=4, d_mlp=64)
+  assert base.weight_dot is False  # the published chapters ran without it
+  tokens = jax.random.randint(jax.random.key(0), (3, 13), 0, base.vocab_size)
 
-  def grad_hlo():
+  def grad_hlo(on):
+    cfg = dataclasses.replace(base, weight_dot=on)
+    graphdef, params = nnx.split(
+      tr.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param
+    )
+
     loss = lambda p: lm_loss(
       nnx.merge(graphdef, p), {"tokens_BxL": tokens}, None
     ).mean()
     return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
 
-  assert _transposed_lhs_dots(grad_hlo()) == []
-  _use_plain_tensordot(monkeypatch)
-  control = _transposed_lhs_dots(grad_hlo())
-  assert len(control) == 2 * cfg.num_layers, control
+  assert _transposed_lhs_dots(grad_hlo(True)) == []
+  control = _transposed_lhs_dots(grad_hlo(False))
+  assert len(control) == 2 * base.num_layers, control
 
 
-def test_model_gradient_unchanged_within_rounding(monkeypatch):
-  """The whole model's gradient with and without the rule (book-like shape)."""
-  cfg = dataclasses.replace(
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_with_weight_dot_equals_default_within_rounding(tie):
+  """Logits and gradient with and without the rule, tied and untied head."""
+  base = dataclasses.replace(
     lm.lm_model("smoke", num_layers=2, d_model=64, num_heads=4, d_mlp=256),
     remat="none",
+    tie_embeddings=tie,
   )
-  tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, cfg.vocab_size)
-  graphdef, params = nnx.split(tr.Transformer(cfg, rngs=nnx.Rngs(2)), nnx.Param)
-  loss = lambda p: lm_loss(
-    nnx.merge(graphdef, p), {"tokens_BxL": tokens}, None
-  ).mean()
-  g_fast = jax.jit(jax.grad(loss))(params)
-  _use_plain_tensordot(monkeypatch)
-  g_plain = jax.jit(jax.grad(loss))(params)
-  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+  tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, base.vocab_size)
+
+  def logits_and_grad(on):
+    cfg = dataclasses.replace(base, weight_dot=on)
+    graphdef, params = nnx.split(
+      tr.Transformer(cfg, rngs=nnx.Rngs(2)), nnx.Param
+    )
+
+    def loss(p):
+      return lm_loss(
+        nnx.merge(graphdef, p), {"tokens_BxL": tokens}, None
+      ).mean()
+
+    logits = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens[:, :-1]))(params)
+    return logits, jax.jit(jax.grad(loss))(params)
+
+  (y_fast, g_fast), (y_plain, g_plain) = (
+    logits_and_grad(True),
+    logits_and_grad(False),
+  )
+  np.testing.assert_array_equal(y_fast, y_plain)  # the same products
+  leaves = list(zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)))
+  assert len(leaves) == len(jax.tree.leaves(g_plain)) > 0
+  for a, b in leaves:
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)

@@ -253,3 +253,36 @@ def test_scanned_model_sharded_equals_unrolled_single_device(batch, reference):
     rtol=1e-4,
   )
   np.testing.assert_allclose(g["wte"], want["wte"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_weight_dot_sharded_equals_single_device_default(
+  name, batch, reference
+):
+  """ModelConfig.weight_dot under each mesh: the barrier on the weight's
+  tangent must not change the sharded gradient (same tolerance as above,
+  against the single-device model without the rule)."""
+  import dataclasses
+
+  _, ref_logits, ref_grads = reference
+  cfg = dataclasses.replace(CFG, weight_dot=True)
+  mesh = sharding.make_mesh(MESHES[name])
+  model = sharding.create_sharded(
+    lambda: tr.Transformer(cfg, rngs=nnx.Rngs(0)), mesh
+  )
+  tokens, mask = sharding.shard_batch(batch, mesh)
+  with jax.set_mesh(mesh):
+    logits, grads = _logits_and_grad(model, tokens, mask)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+  flat_ref = dict(nnx.to_flat_state(ref_grads))
+  flat_g = nnx.to_flat_state(grads)
+  assert len(flat_g) == len(flat_ref)
+  for path, g in flat_g:
+    assert g.get_value().sharding.mesh.shape == mesh.shape, path
+    np.testing.assert_allclose(
+      np.asarray(g.get_value()),
+      np.asarray(flat_ref[path].get_value()),
+      atol=1e-6,
+      rtol=1e-4,
+      err_msg=str(path),
+    )

@@ -85,6 +85,10 @@ class ModelConfig:
   remat: str = "dots_no_batch"
   scan_layers: bool = False  # one lax.scan over stacked blocks (fast compile)
   grad_barrier: bool = True  # materialise the residual gradient (see model)
+  # Activation x weight products through transformer.weight_dot (weight
+  # gradients as row-major matmuls on XLA:CPU; same values, gradients equal
+  # up to float rounding). Off: the published chapters ran without it.
+  weight_dot: bool = False
 
   def __post_init__(self):
     check_int(
@@ -103,7 +107,13 @@ class ModelConfig:
     if isinstance(self.remat, bool):  # the old boolean switch
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     check_choice(self, "remat", REMAT_POLICIES)
-    for name in ("use_bias", "tie_embeddings", "scan_layers", "grad_barrier"):
+    for name in (
+      "use_bias",
+      "tie_embeddings",
+      "scan_layers",
+      "grad_barrier",
+      "weight_dot",
+    ):
       check_choice(self, name, (True, False))
     if self.d_model % self.num_heads:
       raise ConfigError(

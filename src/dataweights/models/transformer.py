@@ -56,12 +56,14 @@ forward pass is untouched and the gradient is the same function (bitwise
 the same at the book shape). ``jax.checkpoint`` (MaxText's per-layer remat)
 cures the same duplication as a side effect of its own barriers.
 
-Every activation x weight product (the projections, the MLP, the tied
-head) goes through :func:`weight_dot`: the value of ``jnp.tensordot``, with
-a JVP rule that makes the weight gradient a row-major matmul on XLA:CPU
-(1.5-2x faster weight gradients, 4-5% off forward+backward at the book
-shape; benchmarks/bench_weight_grad.py). Gradients change only by float
-rounding (summation order).
+With ``cfg.weight_dot`` (off by default) every activation x weight product
+(the projections, the MLP, the head) goes through :func:`weight_dot`: the
+value of ``jnp.tensordot``, with a JVP rule that makes the weight gradient
+a row-major matmul on XLA:CPU (1.5-2x faster weight gradients, about 5% off
+forward+backward at the book shape; benchmarks/bench_weight_grad.py).
+Gradients change by float rounding only (summation order), but that is
+enough to move the published results of Chapters 3-5 beyond their printed
+digits, so the book's runs keep it off until those chapters are re-run.
 
 Functional use (hypergradients, per-example gradients)::
 
@@ -282,6 +284,7 @@ class Dense(nnx.Module):
     param_dtype,
     rngs: nnx.Rngs,
     bias_names: tuple[str, ...] | None = None,
+    weight_dot: bool = False,
   ):
     self.kernel = _param(
       rngs.params(),
@@ -297,11 +300,14 @@ class Dense(nnx.Module):
     )
     self.num_in = len(in_shape)
     self.dtype = dtype
+    self.use_weight_dot = weight_dot
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = weight_dot(
-      x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.num_in
-    )
+    x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if self.use_weight_dot:
+      y = weight_dot(x, w, self.num_in)
+    else:
+      y = jnp.tensordot(x, w, axes=self.num_in)
     if self.bias is not None:
       y = y + _lead(self.bias[...].astype(self.dtype), y.ndim)
     return y
@@ -324,7 +330,13 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     d, h, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
-    kw = dict(use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+    kw = dict(
+      use_bias=cfg.use_bias,
+      dtype=dt,
+      param_dtype=pdt,
+      rngs=rngs,
+      weight_dot=cfg.weight_dot,
+    )
     qkv = dict(
       in_shape=(d,),
       out_shape=(h, dh),
@@ -364,7 +376,10 @@ class Attention(nnx.Module):
     dt = self.query.dtype
     parts = (self.query, self.key, self.value)
     w_Dx3xHxDh = jnp.stack([p.kernel[...].astype(dt) for p in parts], axis=1)
-    y_BxLx3xHxDh = weight_dot(x_BxLxD.astype(dt), w_Dx3xHxDh)
+    if self.query.use_weight_dot:
+      y_BxLx3xHxDh = weight_dot(x_BxLxD.astype(dt), w_Dx3xHxDh)
+    else:
+      y_BxLx3xHxDh = jnp.tensordot(x_BxLxD.astype(dt), w_Dx3xHxDh, axes=1)
     if self.query.bias is not None:
       b_3xHxDh = jnp.stack([p.bias[...].astype(dt) for p in parts])
       y_BxLx3xHxDh = y_BxLx3xHxDh + b_3xHxDh[None, None]
@@ -418,7 +433,13 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-    kw = dict(use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+    kw = dict(
+      use_bias=cfg.use_bias,
+      dtype=dt,
+      param_dtype=pdt,
+      rngs=rngs,
+      weight_dot=cfg.weight_dot,
+    )
     self.fc = Dense(
       (cfg.d_model,),
       (cfg.d_mlp,),
@@ -695,10 +716,27 @@ class Transformer(nnx.Module):
         )
         x_BxLxD = _constrain_batch(call(block, x_BxLxD, mask_Bx1xLxL, key))
     x_BxLxD = self.ln_f(x_BxLxD)
-    if self.head is None:
-      logits = weight_dot(x_BxLxD, self.wte[...].astype(dt).T, 1, jnp.float32)
+    if cfg.weight_dot:
+      w_DxV = (
+        self.wte[...].astype(dt).T
+        if self.head is None
+        else self.head[...].astype(dt)
+      )
+      logits = weight_dot(x_BxLxD, w_DxV, 1, jnp.float32)
+    elif self.head is None:
+      logits = jnp.einsum(
+        "bld,vd->blv",
+        x_BxLxD,
+        self.wte[...].astype(dt),
+        preferred_element_type=jnp.float32,
+      )
     else:
-      logits = weight_dot(x_BxLxD, self.head[...].astype(dt), 1, jnp.float32)
+      logits = jnp.einsum(
+        "bld,dv->blv",
+        x_BxLxD,
+        self.head[...].astype(dt),
+        preferred_element_type=jnp.float32,
+      )
     return logits.astype(jnp.float32)
 
   def _scan_blocks(self, x_BxLxD, mask_Bx1xLxL, dropout_key):
