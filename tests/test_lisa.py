@@ -311,9 +311,13 @@ def test_blocks_at_is_the_in_step_draw():
       == want
     )
   sched = lisa.block_schedule(seed=4, period=5, num_blocks=7, num_active=3)
-  assert sched(11) == lisa.blocks_at(
-    11, seed=4, period=5, num_blocks=7, num_active=3
-  )
+  # Every step, in and out of order (the cache is per period, not per call).
+  for t in [11, 0, 4, 5, 14, 3, 9, 10]:
+    assert sched(t) == lisa.blocks_at(
+      t, seed=4, period=5, num_blocks=7, num_active=3
+    ), t
+  info = sched.cache_info()
+  assert (info.misses, info.hits) == (3, 5)  # periods 0, 1, 2 drawn once each
 
 
 def test_fixed_blocks_form_no_weight_gradient_for_frozen_blocks():

@@ -309,18 +309,14 @@ class BlockLayout:
 
   def compact_fixed(self, tree: Any, active: tuple[int, ...]) -> dict:
     """:meth:`compact` with the active blocks as Python constants."""
+    if self.stacked:  # a constant-index gather either way
+      return self.compact(tree, jnp.asarray(active, jnp.int32))
     leaves = jax.tree.leaves(tree)
     rest = _nest([(self.paths[i], leaves[i]) for i in self.rest_idx])
-    if self.stacked:
-      idx = jnp.asarray(active, jnp.int32)
-      slots = [
-        jnp.take(leaves[self.leaf_idx[s]], idx, axis=0) for s in self.sub
-      ]
-    else:
-      slots = [
-        jnp.stack([leaves[self.block_leaf[a][j]] for a in active])
-        for j in range(len(self.sub))
-      ]
+    slots = [
+      jnp.stack([leaves[self.block_leaf[a][j]] for a in active])
+      for j in range(len(self.sub))
+    ]
     return {
       "rest": rest,
       "slots": _nest([(self.slot_path(s), x) for s, x in zip(self.sub, slots)]),
@@ -330,25 +326,18 @@ class BlockLayout:
     self, compact: dict, active: tuple[int, ...], dtypes: list
   ) -> Any:
     """:meth:`expand` with the active blocks as Python constants."""
+    if self.stacked:  # a constant-index scatter either way
+      return self.expand(compact, jnp.asarray(active, jnp.int32), dtypes)
     out: list[Any] = [None] * len(self.paths)
     for i in self.rest_idx:
       out[i] = _get(compact["rest"], self.paths[i])
     slots = {s: _get(compact["slots"], self.slot_path(s)) for s in self.sub}
-    if self.stacked:
-      idx = jnp.asarray(active, jnp.int32)
-      for s in self.sub:
-        i = self.leaf_idx[s]
-        neg0 = jnp.full(
-          (self.num_blocks, *self.block_shapes[s]), -0.0, dtypes[i]
-        )
-        out[i] = neg0.at[idx].set(slots[s].astype(dtypes[i]))
-    else:
-      for b in range(self.num_blocks):
-        for s, i in zip(self.sub, self.block_leaf[b]):
-          if b in active:
-            out[i] = slots[s][active.index(b)].astype(dtypes[i])
-          else:
-            out[i] = jnp.full(self.block_shapes[s], -0.0, dtypes[i])
+    for b in range(self.num_blocks):
+      for s, i in zip(self.sub, self.block_leaf[b]):
+        if b in active:
+          out[i] = slots[s][active.index(b)].astype(dtypes[i])
+        else:
+          out[i] = jnp.full(self.block_shapes[s], -0.0, dtypes[i])
     return jax.tree_util.tree_unflatten(self.treedef, out)
 
   def expand(self, compact: dict, active_K: jax.Array, dtypes: list) -> Any:
@@ -401,14 +390,27 @@ def block_schedule(
   *, seed: int, period: int, num_blocks: int, num_active: int
 ) -> Callable[[int], tuple[int, ...]]:
   """``step -> active blocks`` for :class:`~dataweights.train.loop.Trainer`'s
-  ``fixed_blocks`` (:func:`blocks_at` with these settings)."""
-  return functools.partial(
-    blocks_at,
-    seed=seed,
-    period=period,
-    num_blocks=num_blocks,
-    num_active=num_active,
-  )
+  ``fixed_blocks`` (:func:`blocks_at` with these settings).
+
+  The draw is made once per period and cached (the Trainer asks every
+  step; each draw is an eager ``jax.random`` call on the host).
+  """
+
+  @functools.lru_cache(maxsize=256)
+  def of_period(period_index: int) -> tuple[int, ...]:
+    return blocks_at(
+      period_index * period,
+      seed=seed,
+      period=period,
+      num_blocks=num_blocks,
+      num_active=num_active,
+    )
+
+  def schedule(step: int) -> tuple[int, ...]:
+    return of_period(int(step) // int(period))
+
+  schedule.cache_info = of_period.cache_info
+  return schedule
 
 
 def _check_fixed(fixed: tuple[int, ...], num_blocks: int, num_active: int):
