@@ -58,6 +58,19 @@ def _logits_and_grad(model, tokens_BxL, mask_BxL):
   return logits, nnx.state(grads, nnx.Param)
 
 
+def _assert_grads_close(grads, ref_grads):
+  """Every gradient leaf against the single-device one, by key path."""
+  flat_ref = dict(nnx.to_flat_state(ref_grads))
+  for path, g in nnx.to_flat_state(grads):
+    np.testing.assert_allclose(
+      np.asarray(g.get_value()),
+      np.asarray(flat_ref[path].get_value()),
+      atol=1e-6,
+      rtol=1e-4,
+      err_msg=str(path),
+    )
+
+
 @pytest.fixture(scope="module")
 def batch():
   tok = jax.random.randint(jax.random.key(0), (B, L), 0, CFG.vocab_size)
@@ -122,16 +135,7 @@ def test_sharded_equals_single_device(name, batch, reference):
   with jax.set_mesh(mesh):
     logits, grads = _logits_and_grad(model, tokens, mask)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
-  flat_g = nnx.to_flat_state(grads)
-  flat_ref = dict(nnx.to_flat_state(ref_grads))
-  for path, g in flat_g:
-    np.testing.assert_allclose(
-      np.asarray(g.get_value()),
-      np.asarray(flat_ref[path].get_value()),
-      atol=1e-6,
-      rtol=1e-4,
-      err_msg=str(path),
-    )
+  _assert_grads_close(grads, ref_grads)
 
 
 def test_per_example_vmap_under_mesh(batch, reference):
@@ -274,15 +278,8 @@ def test_weight_dot_sharded_equals_single_device_default(
   with jax.set_mesh(mesh):
     logits, grads = _logits_and_grad(model, tokens, mask)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
-  flat_ref = dict(nnx.to_flat_state(ref_grads))
   flat_g = nnx.to_flat_state(grads)
-  assert len(flat_g) == len(flat_ref)
+  assert len(flat_g) == len(nnx.to_flat_state(ref_grads))
   for path, g in flat_g:
     assert g.get_value().sharding.mesh.shape == mesh.shape, path
-    np.testing.assert_allclose(
-      np.asarray(g.get_value()),
-      np.asarray(flat_ref[path].get_value()),
-      atol=1e-6,
-      rtol=1e-4,
-      err_msg=str(path),
-    )
+  _assert_grads_close(grads, ref_grads)

@@ -213,12 +213,32 @@ def _weight_dot_jvp(num_in, preferred_element_type, primals, tangents):
         preferred_element_type=preferred_element_type,
       )
     )
-  if not terms:
-    return y, jnp.zeros_like(y)
+  # JAX calls the rule only when some tangent is nonzero, so terms is not
+  # empty.
   return y, sum(terms[1:], terms[0]).astype(y.dtype)
 
 
 weight_dot.defjvp(_weight_dot_jvp, symbolic_zeros=True)
+
+
+def _weight_product(
+  x: jax.Array, w: jax.Array, num_in: int, use_weight_dot: bool
+) -> jax.Array:
+  """``tensordot(x, w, num_in)``, through :func:`weight_dot` if asked."""
+  if use_weight_dot:
+    return weight_dot(x, w, num_in)
+  return jnp.tensordot(x, w, axes=num_in)
+
+
+def _dense_kwargs(cfg: ModelConfig, rngs: nnx.Rngs) -> dict:
+  """The :class:`Dense` arguments every layer of ``cfg`` shares."""
+  return dict(
+    use_bias=cfg.use_bias,
+    dtype=_DTYPES[cfg.dtype],
+    param_dtype=_DTYPES[cfg.param_dtype],
+    rngs=rngs,
+    weight_dot=cfg.weight_dot,
+  )
 
 
 def _lead(v: jax.Array, ndim: int) -> jax.Array:
@@ -303,11 +323,12 @@ class Dense(nnx.Module):
     self.use_weight_dot = weight_dot
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-    if self.use_weight_dot:
-      y = weight_dot(x, w, self.num_in)
-    else:
-      y = jnp.tensordot(x, w, axes=self.num_in)
+    y = _weight_product(
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      self.num_in,
+      self.use_weight_dot,
+    )
     if self.bias is not None:
       y = y + _lead(self.bias[...].astype(self.dtype), y.ndim)
     return y
@@ -328,15 +349,8 @@ class Attention(nnx.Module):
   """Causal multi-head self-attention (GPT-2's ``attn``: c_attn, c_proj)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     d, h, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
-    kw = dict(
-      use_bias=cfg.use_bias,
-      dtype=dt,
-      param_dtype=pdt,
-      rngs=rngs,
-      weight_dot=cfg.weight_dot,
-    )
+    kw = _dense_kwargs(cfg, rngs)
     qkv = dict(
       in_shape=(d,),
       out_shape=(h, dh),
@@ -376,10 +390,9 @@ class Attention(nnx.Module):
     dt = self.query.dtype
     parts = (self.query, self.key, self.value)
     w_Dx3xHxDh = jnp.stack([p.kernel[...].astype(dt) for p in parts], axis=1)
-    if self.query.use_weight_dot:
-      y_BxLx3xHxDh = weight_dot(x_BxLxD.astype(dt), w_Dx3xHxDh)
-    else:
-      y_BxLx3xHxDh = jnp.tensordot(x_BxLxD.astype(dt), w_Dx3xHxDh, axes=1)
+    y_BxLx3xHxDh = _weight_product(
+      x_BxLxD.astype(dt), w_Dx3xHxDh, 1, self.query.use_weight_dot
+    )
     if self.query.bias is not None:
       b_3xHxDh = jnp.stack([p.bias[...].astype(dt) for p in parts])
       y_BxLx3xHxDh = y_BxLx3xHxDh + b_3xHxDh[None, None]
@@ -432,14 +445,7 @@ class MLP(nnx.Module):
   """GPT-2's ``mlp``: ``c_proj(gelu_tanh(c_fc(x)))``."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-    kw = dict(
-      use_bias=cfg.use_bias,
-      dtype=dt,
-      param_dtype=pdt,
-      rngs=rngs,
-      weight_dot=cfg.weight_dot,
-    )
+    kw = _dense_kwargs(cfg, rngs)
     self.fc = Dense(
       (cfg.d_model,),
       (cfg.d_mlp,),
