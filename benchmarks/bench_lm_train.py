@@ -169,7 +169,7 @@ def measure_breakdown(
     return jnp.mean(lm_loss(model, batch, None))
 
   fwd = jax.jit(loss)
-  grad = jax.jit(jax.grad(loss))
+  grad = jax.jit(lm_compare.train_grad(loss))
   grads = grad(params)
   opt_state = jax.tree.map(jnp.copy, state.opt_state)
   upd = jax.jit(lambda g, s, p: tx.update(g, s, p))
@@ -410,6 +410,7 @@ def main() -> None:
       "no_barrier": {"grad_barrier": False},
       "scan": {"scan_layers": True},
       "weight_dot": {"weight_dot": True},
+      "keep_reduce_precision": {"drop_reduce_precision": False},
     }
     for policy in lm.REMAT_POLICIES:
       if policy != model_cfg.remat:
@@ -454,9 +455,11 @@ def main() -> None:
     for name, over in (
       ("project", {}),
       ("no_barrier", {"grad_barrier": False}),
+      ("keep_reduce_precision", {"drop_reduce_precision": False}),
     ):
+      model_over, step_over = lm_compare.split_overrides(over)
       _, x = lm_compare.project_step(
-        dataclasses.replace(model_cfg, **over), batch_size
+        dataclasses.replace(model_cfg, **model_over), batch_size, **step_over
       )
       prof[name] = (x["grad"], x["params"])
     out["op_profile"] = lm_compare.op_profiles(prof, calls=20)

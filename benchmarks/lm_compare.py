@@ -35,6 +35,7 @@ from dataweights.configs import lm
 from dataweights.configs import train as train_configs
 from dataweights.models.transformer import Transformer
 from dataweights.train import optim
+from dataweights.train.jaxpr_passes import drop_noop_reduce_precision
 from dataweights.train.state import init_train_state
 from dataweights.train.step import jit_train_step, lm_loss, make_train_step
 
@@ -47,8 +48,16 @@ def _stats(xs: list[float]) -> dict:
   }
 
 
-def project_step(cfg: lm.ModelConfig, batch_size: int, seed: int = 0):
+def project_step(
+  cfg: lm.ModelConfig,
+  batch_size: int,
+  seed: int = 0,
+  drop_reduce_precision: bool = True,
+):
   """The project's jitted, donated train step at ``cfg`` (book training).
+
+  ``drop_reduce_precision`` is :func:`make_train_step`'s switch; the
+  breakdown's gradient gets the same pass, so that it is the step's program.
 
   Returns:
     ``(run, extras)``: ``run()`` does one step and returns the loss;
@@ -79,6 +88,7 @@ def project_step(cfg: lm.ModelConfig, batch_size: int, seed: int = 0):
       static,
       domain_names=["a", "b", "c"],
       schedule=optim.make_schedule(train_cfg),
+      drop_reduce_precision=drop_reduce_precision,
     ),
     shardings,
     single,
@@ -100,9 +110,28 @@ def project_step(cfg: lm.ModelConfig, batch_size: int, seed: int = 0):
     "compile_s": compile_s,
     "memory": _memory(compiled),
     "forward": jax.jit(loss).lower(params0).compile(),
-    "grad": jax.jit(jax.grad(loss)).lower(params0).compile(),
+    "grad": jax.jit(train_grad(loss, drop_reduce_precision))
+    .lower(params0)
+    .compile(),
     "params": params0,
   }
+
+
+def train_grad(loss, drop_reduce_precision: bool = True):
+  """``jax.grad(loss)`` as the train step builds it (see make_grad_fn)."""
+  g = jax.grad(loss)
+  return drop_noop_reduce_precision(g) if drop_reduce_precision else g
+
+
+# Variant keys that are switches of the train step, not ModelConfig fields.
+STEP_SWITCHES = ("drop_reduce_precision",)
+
+
+def split_overrides(over: dict) -> tuple[dict, dict]:
+  """(ModelConfig overrides, train-step switches) of a variant."""
+  model = {k: v for k, v in over.items() if k not in STEP_SWITCHES}
+  step = {k: v for k, v in over.items() if k in STEP_SWITCHES}
+  return model, step
 
 
 def _memory(compiled) -> dict | None:
@@ -240,8 +269,9 @@ def compare_steps(
   """
   runs, extras = {}, {}
   for name, over in {"project": {}, **variants}.items():
-    cfg = dataclasses.replace(base_cfg, **over)
-    runs[name], extras[name] = project_step(cfg, batch_size)
+    model_over, step_over = split_overrides(over)
+    cfg = dataclasses.replace(base_cfg, **model_over)
+    runs[name], extras[name] = project_step(cfg, batch_size, **step_over)
   runs["linen"], extras["linen"] = linen_step(base_cfg, batch_size)
   workers, maxtext_status = {}, "not requested (--maxtext-python)"
   if maxtext_python:
@@ -328,9 +358,10 @@ def depth_sweep(
   """Compile time, forward, fwd+bwd against depth, unrolled and scanned.
 
   Per depth the variants (unrolled and scanned with the project's
-  defaults; unrolled with ``weight_dot``; unrolled without barrier and
-  remat, i.e. before the fix) are compiled, then timed in interleaved
-  rounds.
+  defaults; unrolled with ``weight_dot``; unrolled keeping JAX's no-op
+  ``reduce_precision``; unrolled without barrier and remat, i.e. before the
+  fix) are compiled, then timed in interleaved rounds. The gradient is
+  built as the train step builds it (:func:`train_grad`).
   """
   rows = []
   for depth in depths:
@@ -340,10 +371,12 @@ def depth_sweep(
       ("unrolled", {}),
       ("scan", {"scan_layers": True}),
       ("weight_dot", {"weight_dot": True}),
+      ("keep_reduce_precision", {"drop_reduce_precision": False}),
       # the model as it was before the fix: no barrier, no remat
       ("no_barrier_no_remat", {"grad_barrier": False, "remat": "none"}),
     ):
-      cfg = dataclasses.replace(base_cfg, num_layers=depth, **over)
+      model_over, step_over = split_overrides(over)
+      cfg = dataclasses.replace(base_cfg, num_layers=depth, **model_over)
       model = Transformer(cfg, rngs=nnx.Rngs(0))
       graphdef, params = nnx.split(model, nnx.Param)
       tokens = jax.random.randint(
@@ -356,7 +389,7 @@ def depth_sweep(
         )
 
       t0 = time.perf_counter()
-      grad = jax.jit(jax.grad(loss)).lower(params).compile()
+      grad = jax.jit(train_grad(loss, **step_over)).lower(params).compile()
       compile_grad_s = time.perf_counter() - t0
       fwd = jax.jit(loss).lower(params).compile()
       fns[name] = (fwd, grad, params)

@@ -46,6 +46,7 @@ from flax import nnx
 
 from dataweights import metrics as metrics_lib
 from dataweights.train import lisa as lisa_lib
+from dataweights.train.jaxpr_passes import drop_noop_reduce_precision
 from dataweights.train.method import Method, Plain, StepContext
 from dataweights.train.state import StaticParts, TrainState
 
@@ -157,8 +158,18 @@ def make_grad_fn(
   *,
   loss_fn: LossFn = lm_loss,
   accumulation_steps: int = 1,
+  drop_reduce_precision: bool = True,
 ) -> Callable[..., tuple[jax.Array, jax.Array, Any]]:
   """The weighted loss and its gradient, accumulated over microbatches.
+
+  Args:
+    static: graphdef and optax transformation.
+    loss_fn: ``loss_fn(model, batch, key) -> loss_B``.
+    accumulation_steps: microbatches per update; must divide the batch.
+    drop_reduce_precision: remove the no-op float32 ``reduce_precision``
+      that ``jax.checkpoint`` puts on saved residuals
+      (:mod:`dataweights.train.jaxpr_passes`; same values, faster on
+      XLA:CPU). False keeps JAX's program as it is.
 
   Returns:
     ``grad_fn(params, model_state, batch, weight_B, key) -> (loss, loss_B,
@@ -184,6 +195,8 @@ def make_grad_fn(
     return jnp.sum(micro["weight_B"] * loss_B), loss_B
 
   vg = jax.value_and_grad(weighted_sum, has_aux=True)
+  if drop_reduce_precision:
+    vg = drop_noop_reduce_precision(vg)
 
   def grad_fn(params, model_state, batch, weight_B, key):
     batch = dict(batch, weight_B=weight_B)
@@ -245,6 +258,7 @@ def make_train_step(
   schedule: optax.Schedule | None = None,
   use_rng: bool = False,
   method: Method | None = None,
+  drop_reduce_precision: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure step ``train_step(state, batches) -> (state, metrics)``.
 
@@ -266,6 +280,7 @@ def make_train_step(
       (dropout); otherwise ``key`` is None.
     method: the data-selection method (default: none); its state is
       ``state.extra["method"]``.
+    drop_reduce_precision: see :func:`make_grad_fn`.
 
   Returns:
     The pure step function. Metrics (float32 scalars): ``loss`` (the
@@ -276,7 +291,10 @@ def make_train_step(
   """
   method = method or Plain()
   grad_fn = make_grad_fn(
-    static, loss_fn=loss_fn, accumulation_steps=accumulation_steps
+    static,
+    loss_fn=loss_fn,
+    accumulation_steps=accumulation_steps,
+    drop_reduce_precision=drop_reduce_precision,
   )
   num_domains = None if domain_names is None else len(domain_names)
 
@@ -292,9 +310,12 @@ def make_train_step(
 
     def params_grad(params, batch, weight_B):
       loss, loss_B, grads, _ = grad_fn(
-        params, state.model_state, batch,
+        params,
+        state.model_state,
+        batch,
         jnp.ones(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
-        if weight_B is None else jax.lax.stop_gradient(weight_B),
+        if weight_B is None
+        else jax.lax.stop_gradient(weight_B),
         None,
       )
       return loss, loss_B, grads
