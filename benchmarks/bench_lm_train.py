@@ -30,7 +30,8 @@ At the ``book`` profile's LM shape (4 layers, D=128, F=512, L=128, V=264,
 
 * **Against peers** (``--compare``, on by default): the project's step
   and its options (no residual-gradient barrier, each remat policy, scan
-  over layers) against a plain Flax linen GPT-2 written for the benchmark
+  over layers, ``weight_dot``, JAX's no-op ``reduce_precision`` kept on
+  the remat residuals) against a plain Flax linen GPT-2 written for the benchmark
   (``peers/linen_gpt2.py``) and, with ``--maxtext-python``, MaxText's own
   step run by ``peers/maxtext_worker.py`` in MaxText's venv; interleaved
   rounds, paired per-round ratios (``lm_compare.compare_steps``), each
@@ -38,10 +39,13 @@ At the ``book`` profile's LM shape (4 layers, D=128, F=512, L=128, V=264,
   peak of the same rounds.
 * **Depth sweep** (``--depths``): compile time, forward and
   forward+backward time, backward/forward and the largest fusion's input
-  count for 2..12 layers, unrolled and scanned.
+  count for 2..12 layers, unrolled and scanned (and the variants above).
+  Every forward+backward here is the train step's own gradient program
+  (``lm_compare.train_grad``).
 * **Per-op profile** (``--profile-ops``): where forward+backward spends
   its time, by XLA instruction and category (``op_profile.py``), for the
-  project and for the model without the barrier.
+  project, for the model without the barrier and with the no-op
+  ``reduce_precision`` kept.
 
   python benchmarks/bench_lm_train.py --out bench-results/lm_train.json
   python benchmarks/bench_lm_train.py --quick     # seconds, smoke shape
