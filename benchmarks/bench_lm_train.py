@@ -31,8 +31,8 @@ At the ``book`` profile's LM shape (4 layers, D=128, F=512, L=128, V=264,
 * **Against peers** (``--compare``, on by default): the project's step
   and its options (no residual-gradient barrier, each remat policy, scan
   over layers, ``weight_dot``, JAX's no-op ``reduce_precision`` kept on
-  the remat residuals) against a plain Flax linen GPT-2 written for the benchmark
-  (``peers/linen_gpt2.py``) and, with ``--maxtext-python``, MaxText's own
+  the remat residuals) against a plain Flax linen GPT-2 written for the
+  benchmark (``peers/linen_gpt2.py``) and, with ``--maxtext-python``, MaxText's own
   step run by ``peers/maxtext_worker.py`` in MaxText's venv; interleaved
   rounds, paired per-round ratios (``lm_compare.compare_steps``), each
   step's compiled memory. MFU here uses the median step and the median

@@ -20,7 +20,6 @@ from dataweights.configs import train as train_configs
 from dataweights.models.transformer import Transformer
 from dataweights.train import optim
 from dataweights.train.jaxpr_passes import (
-  count_noop_reduce_precision,
   drop_noop_reduce_precision,
   is_noop_reduce_precision,
 )
@@ -29,6 +28,12 @@ from dataweights.train.step import make_grad_fn
 from jaxpr_counts import count_primitive
 
 _SAVE_DOTS = jax.checkpoint_policies.dots_saveable
+
+
+def _roundings(closed_jaxpr) -> int:
+  """``reduce_precision`` equations, nested ones included (the float32
+  programs below have no other kind, so these are the no-op ones)."""
+  return count_primitive(closed_jaxpr.jaxpr, "reduce_precision")
 
 
 def _two_layer(w1, w2, x):
@@ -83,11 +88,10 @@ def test_remat_residuals_lose_reduce_precision_values_unchanged():
   grad = jax.grad(_two_layer, argnums=(0, 1))
   before = jax.make_jaxpr(grad)(w1, w2, x)
   # The control: JAX rounds both saved dots (and nothing else) to float32.
-  assert count_noop_reduce_precision(before) == 2
+  assert _roundings(before) == 2
   fast = drop_noop_reduce_precision(grad)
   after = jax.make_jaxpr(fast)(w1, w2, x)
-  assert count_noop_reduce_precision(after) == 0
-  assert count_primitive(after.jaxpr, "reduce_precision") == 0
+  assert _roundings(after) == 0
   g_fast = jax.jit(fast)(w1, w2, x)
   g_jax = jax.jit(grad)(w1, w2, x)
   for got, want, exact in zip(g_fast, g_jax, _closed_form(w1, w2, x)):
@@ -138,9 +142,9 @@ def test_nested_jaxprs_are_rewritten():
     return scanned + branch
 
   grad = jax.grad(loss, argnums=(0, 1))
-  assert count_noop_reduce_precision(jax.make_jaxpr(grad)(w1, w2, x)) > 2
+  assert _roundings(jax.make_jaxpr(grad)(w1, w2, x)) > 2
   fast = drop_noop_reduce_precision(grad)
-  assert count_noop_reduce_precision(jax.make_jaxpr(fast)(w1, w2, x)) == 0
+  assert _roundings(jax.make_jaxpr(fast)(w1, w2, x)) == 0
   exact = [2 * g for g in _closed_form(w1, w2, x)]  # scan sum + branch
   for got, want, ref in zip(
     jax.jit(fast)(w1, w2, x), jax.jit(grad)(w1, w2, x), exact

@@ -4,6 +4,8 @@ Run in its own process (the device count is fixed when JAX starts):
   DATAWEIGHTS_SHARDING_RUN=1 python -m pytest tests/sharding -q
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,8 +268,6 @@ def test_weight_dot_sharded_equals_single_device_default(
   """ModelConfig.weight_dot under each mesh: the barrier on the weight's
   tangent must not change the sharded gradient (same tolerance as above,
   against the single-device model without the rule)."""
-  import dataclasses
-
   _, ref_logits, ref_grads = reference
   cfg = dataclasses.replace(CFG, weight_dot=True)
   mesh = sharding.make_mesh(MESHES[name])

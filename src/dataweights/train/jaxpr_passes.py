@@ -60,24 +60,6 @@ def is_noop_reduce_precision(eqn: jcore.JaxprEqn) -> bool:
   )
 
 
-def count_noop_reduce_precision(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> int:
-  """How many no-op ``reduce_precision`` a jaxpr holds, nested ones included."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += is_noop_reduce_precision(eqn)
-    for sub in _subjaxprs(eqn.params):
-      n += count_noop_reduce_precision(sub)
-  return n
-
-
-def _subjaxprs(params: dict):
-  for value in params.values():
-    for v in value if isinstance(value, tuple) else (value,):
-      if isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr)):
-        yield v
-
-
 def _rewrite_param(value: Any, memo: dict) -> Any:
   if isinstance(value, jcore.ClosedJaxpr):
     key = id(value)
