@@ -53,11 +53,14 @@ def project_step(
   batch_size: int,
   seed: int = 0,
   drop_reduce_precision: bool = True,
+  compiler_options: dict | None = None,
 ):
   """The project's jitted, donated train step at ``cfg`` (book training).
 
   ``drop_reduce_precision`` is :func:`make_train_step`'s switch; the
   breakdown's gradient gets the same pass, so that it is the step's program.
+  ``compiler_options`` (XLA debug options, e.g.
+  ``{"xla_cpu_prefer_vector_width": 512}``) compile all three programs.
 
   Returns:
     ``(run, extras)``: ``run()`` does one step and returns the loss;
@@ -95,7 +98,7 @@ def project_step(
     single,
   )
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile(compiler_options)
   compile_s = time.perf_counter() - t0
   holder = {"state": state}
 
@@ -109,10 +112,10 @@ def project_step(
   return run, {
     "compile_s": compile_s,
     "memory": _memory(compiled),
-    "forward": jax.jit(loss).lower(params0).compile(),
+    "forward": jax.jit(loss).lower(params0).compile(compiler_options),
     "grad": jax.jit(train_grad(loss, drop_reduce_precision))
     .lower(params0)
-    .compile(),
+    .compile(compiler_options),
     "params": params0,
   }
 
