@@ -18,7 +18,7 @@ compiled gradient program (fused into their consumers, plus a separate copy
 of each residual). Without them the forward+backward is 4.6% faster at the
 book shape and 0-3% at 2-12 layers, the train step 1.9% (paired medians,
 ``benchmarks/bench_lm_train.py``, variant ``keep_reduce_precision``;
-``benchmarks/results/lm_train.json``).
+``benchmarks/results/lm_train_run4.json``).
 
 :func:`drop_noop_reduce_precision` traces a function to a jaxpr, removes those
 operations for float32/float64 values (in nested jaxprs too: ``jit``,
