@@ -60,10 +60,7 @@ from dataweights import results
 from dataweights.configs import lm
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-_ONEDNN = {
-  "xla_cpu_use_onednn": True,
-  "xla_cpu_experimental_onednn_custom_call": True,
-}
+_ONEDNN = lm_compare.PEAK_LIBRARIES["onednn"]  # oneDNN custom calls on
 
 # name -> XLA debug options. In the pinned jaxlib the YNNPACK default is
 # DOT, INDIVIDUAL_DOT and REDUCE (the JSON checks: same optimized HLO).
