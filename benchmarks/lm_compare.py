@@ -252,6 +252,23 @@ PEAK_LIBRARIES: dict[str, dict] = {
 }
 
 
+def peak_matmuls(n: int) -> tuple[jax.Array, jax.Array, dict]:
+  """``(a, b, {library: compiled jnp.dot})`` for the matmul peak.
+
+  ``a`` and ``b`` are random ``n x n`` float32 matrices; the dot is compiled
+  for each of ``PEAK_LIBRARIES`` (oneDNN's is faster on some CPUs;
+  ``bench_xla_cpu_backends.py``).
+  """
+  key1, key2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key1, (n, n), jnp.float32)
+  b = jax.random.normal(key2, (n, n), jnp.float32)
+  dots = {
+    lib: jax.jit(jnp.dot).lower(a, b).compile(opts)
+    for lib, opts in PEAK_LIBRARIES.items()
+  }
+  return a, b, dots
+
+
 def compare_steps(
   base_cfg: lm.ModelConfig,
   batch_size: int,
@@ -300,15 +317,8 @@ def compare_steps(
         maxtext_status[name] = {"overrides": over, **workers[name].info}
       except Exception as e:  # noqa: BLE001 -- reported in the JSON
         maxtext_status[name] = f"failed: {type(e).__name__}: {e}"
-  key1, key2 = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(key1, (peak_n, peak_n), jnp.float32)
-  b = jax.random.normal(key2, (peak_n, peak_n), jnp.float32)
-  # The peak: XLA's default dot, and the same dot on oneDNN (faster on
-  # some CPUs; bench_xla_cpu_backends.py). The MFU divides by the faster.
-  dots = {
-    lib: jax.jit(jnp.dot).lower(a, b).compile(opts)
-    for lib, opts in PEAK_LIBRARIES.items()
-  }
+  # The MFU divides by the faster library's rate.
+  a, b, dots = peak_matmuls(peak_n)
 
   names = list(runs) + list(workers)
   step_s = {n: [] for n in names}
