@@ -474,7 +474,7 @@ def main() -> None:
       _, x = lm_compare.project_step(
         dataclasses.replace(model_cfg, **model_over), batch_size, **step_over
       )
-      prof[name] = (x["grad"], x["params"])
+      prof[name] = (x["grad"], x["args"])
     out["op_profile"] = lm_compare.op_profiles(prof, calls=20)
   out["goals"] = goals(out)
   out["load_average"] = {"start": load_start, "end": os.getloadavg()}

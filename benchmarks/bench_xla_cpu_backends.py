@@ -119,17 +119,17 @@ def _variant(model: dict, options: dict, n: int) -> tuple[dict, dict]:
   run, extras = lm_compare.project_step(
     cfg, batch_size=16, compiler_options=options
   )
-  params = extras["params"]
+  args = extras["args"]
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(jnp.dot).lower(a, a).compile(options)
   fns = {
-    "forward": lambda: extras["forward"](params),
-    "forward_backward": lambda: extras["grad"](params),
+    "forward": lambda: extras["forward"](*args),
+    "forward_backward": lambda: extras["grad"](*args),
     "step": run,
     "matmul": lambda: matmul(a, a),
   }
   text = extras["grad"].as_text()
-  grads = [np.asarray(g) for g in jax.tree.leaves(extras["grad"](params))]
+  grads = [np.asarray(g) for g in jax.tree.leaves(extras["grad"](*args))]
   return fns, {"text": text, "grads": grads}
 
 
