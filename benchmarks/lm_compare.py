@@ -70,7 +70,8 @@ def project_step(
 
   Returns:
     ``(run, extras)``: ``run()`` does one step and returns the loss;
-    ``extras`` has ``compile_s``, ``memory`` and the un-donating
+    ``extras`` has ``compile_s``, ``memory``, the step's optimized HLO
+    ``step_text`` and the un-donating
     ``forward`` / ``grad`` functions of the same loss for the breakdown,
     compiled for their ``args``: ``(params, batch)``.
   """
@@ -129,6 +130,7 @@ def project_step(
   return run, {
     "compile_s": compile_s,
     "memory": _memory(compiled),
+    "step_text": compiled.as_text(),
     "forward": jax.jit(loss).lower(*args).compile(compiler_options),
     "grad": jax.jit(train_grad(loss, drop_reduce_precision))
     .lower(*args)

@@ -142,21 +142,10 @@ def profile(compiled, args, calls: int = 10, top: int = 25) -> dict:
   """
   text = compiled.as_text()
   table = instruction_table(text)
-  jax.block_until_ready(compiled(*args))
-  tmp = tempfile.mkdtemp(prefix="op_profile_")
-  try:
-    with jax.profiler.trace(tmp, create_perfetto_trace=True):
-      for _ in range(calls):
-        jax.block_until_ready(compiled(*args))
-    (path,) = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
-    with gzip.open(path) as f:
-      trace = json.load(f)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  events = _traced_events(lambda: compiled(*args), calls)
   per_op = collections.Counter()
   for e in events:
-    if e.get("ph") == "X" and e.get("name") in table:
+    if e.get("name") in table:
       per_op[e["name"]] += e.get("dur", 0) / 1e3 / calls  # us -> ms
   by_cat: dict[str, dict] = {}
   for name, ms in per_op.items():
@@ -172,4 +161,50 @@ def profile(compiled, args, calls: int = 10, top: int = 25) -> dict:
       for n, ms in per_op.most_common(top)
     ],
     "max_fusion_inputs": max_fusion_inputs(text),
+  }
+
+
+def _traced_events(fn, calls: int) -> list[dict]:
+  """Complete ("X") trace events of ``calls`` calls of ``fn`` (after one)."""
+  jax.block_until_ready(fn())
+  tmp = tempfile.mkdtemp(prefix="op_profile_")
+  try:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      out = None
+      for _ in range(calls):
+        out = fn()
+      jax.block_until_ready(out)
+    (path,) = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return [e for e in events if e.get("ph") == "X"]
+
+
+def concurrency(fn, text: str, calls: int = 10) -> dict:
+  """How many of a program's instructions run at once, on average.
+
+  Over ``calls`` calls of ``fn`` (one run of the program whose optimized
+  HLO is ``text``; it may thread donated state, the calls are not blocked
+  on one by one), ``busy`` sums the durations of the events that are
+  instructions of ``text`` (on every device of a sharded program) and
+  ``span`` runs from the first one's start to the last one's end. Their
+  ratio is the mean number of instructions executing at once. A library
+  dot that splits itself over the cores is one event, so this counts
+  instructions, not busy cores: it is a lower bound on core use.
+
+  Returns:
+    ``{"calls", "busy_ms_per_call", "span_ms_per_call", "mean_concurrency"}``.
+  """
+  table = instruction_table(text)
+  ops = [e for e in _traced_events(fn, calls) if e.get("name") in table]
+  busy = sum(e.get("dur", 0) for e in ops)
+  span = max(e["ts"] + e.get("dur", 0) for e in ops) - min(e["ts"] for e in ops)
+  return {
+    "calls": calls,
+    "busy_ms_per_call": busy / 1e3 / calls,
+    "span_ms_per_call": span / 1e3 / calls,
+    "mean_concurrency": busy / span,
   }
