@@ -38,7 +38,12 @@ from dataweights.models.transformer import Transformer
 from dataweights.train import optim
 from dataweights.train.jaxpr_passes import drop_noop_reduce_precision
 from dataweights.train.state import init_train_state
-from dataweights.train.step import jit_train_step, lm_loss, make_train_step
+from dataweights.train.step import (
+  guard_for,
+  jit_train_step,
+  lm_loss,
+  make_train_step,
+)
 
 
 def _stats(xs: list[float]) -> dict:
@@ -66,7 +71,7 @@ def project_step(
   ``mesh`` (:func:`dataweights.sharding.make_mesh`) runs all three
   programs sharded over it, as :class:`dataweights.train.loop.Trainer`
   does: the model born in its shards, the batch split over the example
-  axes; ``None`` is one device.
+  axes, the step's guard from ``guard_for(mesh)``; ``None`` is one device.
 
   Returns:
     ``(run, extras)``: ``run()`` does one step and returns the loss;
@@ -107,6 +112,7 @@ def project_step(
       domain_names=["a", "b", "c"],
       schedule=optim.make_schedule(train_cfg),
       drop_reduce_precision=drop_reduce_precision,
+      guard=guard_for(mesh),
     ),
     shardings,
     batch_sh,

@@ -21,7 +21,8 @@ from dataweights.train.loop import (
   train_lm,
 )
 from dataweights.train.state import init_train_state
-from dataweights.train.step import make_train_step
+from dataweights.train.step import GUARDS, guard_for, make_train_step
+from jaxpr_counts import count_primitive
 
 B, L, K = 4, 9, 3
 NAMES = ["web", "code", "noise"]
@@ -174,7 +175,9 @@ def test_config_errors_are_clear():
   with pytest.raises(ConfigError, match="weight_decay.*adam"):
     tiny_train_cfg(optimizer="adam", weight_decay=0.1)
   assert train_configs.train("paper").batch_size == 128
-  assert train_configs.train("paper", **train_configs.GPT2_124M).batch_size == 512
+  assert (
+    train_configs.train("paper", **train_configs.GPT2_124M).batch_size == 512
+  )
 
 
 # --- the step ------------------------------------------------------------------
@@ -282,9 +285,12 @@ def _direct_objective(scale_D, kernel_Dx1, bias_1, batch, eff_B):
   return jnp.sum(eff_B * loss_B) / jnp.sum(eff_B)
 
 
+@pytest.mark.parametrize("guard", GUARDS)
 @pytest.mark.parametrize("acc", [1, 4])
 @pytest.mark.parametrize("domain_weights", [False, True])
-def test_step_gradient_equals_grad_of_the_direct_formula(acc, domain_weights):
+def test_step_gradient_equals_grad_of_the_direct_formula(
+  acc, domain_weights, guard
+):
   # Oracle: jax.grad (float64) of the weighted objective written out by
   # hand, with the effective weights computed in numpy. SGD with lr 1, no
   # momentum, clipping or decay: the update is exactly minus the gradient.
@@ -307,7 +313,9 @@ def test_step_gradient_equals_grad_of_the_direct_formula(acc, domain_weights):
   batch = toy_batch(4)
   batch["weight_B"] = 3.0 * batch["weight_B"].at[2].set(0.0)
   step = jax.jit(
-    make_train_step(static, loss_fn=toy_loss, accumulation_steps=acc)
+    make_train_step(
+      static, loss_fn=toy_loss, accumulation_steps=acc, guard=guard
+    )
   )
   new, m = step(state, batch)
   np_batch = {k: np.asarray(v, np.float64) for k, v in batch.items()}
@@ -367,11 +375,13 @@ def test_jit_equals_no_jit():
   assert int(jit_state.step) == 1
 
 
-def test_nonfinite_step_is_skipped_inside_the_step():
+@pytest.mark.parametrize("guard", GUARDS)
+def test_nonfinite_step_is_skipped_inside_the_step(guard):
   state, static = toy_setup(tiny_train_cfg())
   batch = toy_batch(2)
   batch["weight_B"] = batch["weight_B"].at[1].set(jnp.nan)
-  new, m = jax.jit(make_train_step(static, loss_fn=toy_loss))(state, batch)
+  step = make_train_step(static, loss_fn=toy_loss, guard=guard)
+  new, m = jax.jit(step)(state, batch)
   assert m["nonfinite"] == 1.0 and np.isnan(m["loss"])
   assert int(new.step) == 0 and _bitwise_equal(new.params, state.params)
   assert _bitwise_equal(new.opt_state, state.opt_state)
@@ -386,7 +396,8 @@ def test_nonfinite_step_is_skipped_inside_the_step():
     pytest.param(lambda s: jnp.sqrt((s - 1.0) ** 2), id="nan_grad"),
   ],
 )
-def test_finite_loss_with_nonfinite_gradient_is_skipped(kink):
+@pytest.mark.parametrize("guard", GUARDS)
+def test_finite_loss_with_nonfinite_gradient_is_skipped(kink, guard):
   # The loss stays finite: only a guard that also checks the gradient
   # catches this step.
   def loss_fn(model, batch, key):
@@ -394,13 +405,39 @@ def test_finite_loss_with_nonfinite_gradient_is_skipped(kink):
 
   state, static = toy_setup(tiny_train_cfg())
   assert float(state.params["scale"][...][0]) == 1.0
-  new, m = jax.jit(make_train_step(static, loss_fn=loss_fn))(
+  new, m = jax.jit(make_train_step(static, loss_fn=loss_fn, guard=guard))(
     state, toy_batch(2)
   )
   assert np.isfinite(m["loss"]) and not np.isfinite(m["grad_norm"])
   assert m["nonfinite"] == 1.0
   assert int(new.step) == 0 and _bitwise_equal(new.params, state.params)
   assert _bitwise_equal(new.opt_state, state.opt_state)
+
+
+def test_guard_is_one_cond_or_per_leaf_selects_and_checked():
+  # "cond" keeps the old state by one lax.cond and no per-leaf select;
+  # "select" by no cond. The values are checked by the oracle tests above.
+  state, static = toy_setup(tiny_train_cfg())
+  batch = toy_batch(2)
+  n = len(jax.tree.leaves(state))
+  counts = {}
+  for guard in GUARDS:
+    step = make_train_step(static, loss_fn=toy_loss, guard=guard)
+    jaxpr = jax.make_jaxpr(step)(state, batch).jaxpr
+    counts[guard] = (
+      count_primitive(jaxpr, "cond"),
+      count_primitive(jaxpr, "select_n"),
+    )
+  assert counts["cond"][0] == counts["select"][0] + 1
+  assert counts["select"][1] >= counts["cond"][1] + n - 1
+  with pytest.raises(ValueError, match=r"guard='where'; allowed: select, cond"):
+    make_train_step(static, loss_fn=toy_loss, guard="where")
+
+
+def test_guard_for_mesh():
+  assert guard_for(None) == "select"
+  one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  assert guard_for(one) == "select"
 
 
 # --- the loop: resume, NaN guard ---------------------------------------------
@@ -542,10 +579,23 @@ def test_example_runs_and_resumes(tmp_path, capsys):
 def test_grouped_optimizer_updates_groups_apart_and_frozen_has_no_state():
   model = Transformer(tiny_model_cfg(num_layers=2), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  sgd = tiny_train_cfg(optimizer="sgd", b1=0.0, grad_clip=0.0, weight_decay=0.0,
-                       schedule="constant", warmup_steps=0, learning_rate=0.1)
-  adam = tiny_train_cfg(optimizer="adam", weight_decay=0.0, grad_clip=0.0,
-                        schedule="constant", warmup_steps=0, learning_rate=0.01)
+  sgd = tiny_train_cfg(
+    optimizer="sgd",
+    b1=0.0,
+    grad_clip=0.0,
+    weight_decay=0.0,
+    schedule="constant",
+    warmup_steps=0,
+    learning_rate=0.1,
+  )
+  adam = tiny_train_cfg(
+    optimizer="adam",
+    weight_decay=0.0,
+    grad_clip=0.0,
+    schedule="constant",
+    warmup_steps=0,
+    learning_rate=0.01,
+  )
   tx = optim.make_grouped_optimizer(
     {"embed": sgd, "block/0": optim.FROZEN, "block/1": adam, "head": sgd}
   )
@@ -553,13 +603,19 @@ def test_grouped_optimizer_updates_groups_apart_and_frozen_has_no_state():
   grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
   upd, _ = tx.update(grads, state, params)
   np.testing.assert_allclose(upd["wte"][...], -0.2, rtol=1e-6)  # sgd: -lr * g
-  np.testing.assert_array_equal(upd["blocks"][0]["mlp"]["fc"]["kernel"][...], 0.0)
+  np.testing.assert_array_equal(
+    upd["blocks"][0]["mlp"]["fc"]["kernel"][...], 0.0
+  )
   # adam's first step is -lr * sign(g) (bias-corrected moments, eps tiny)
-  np.testing.assert_allclose(upd["blocks"][1]["mlp"]["fc"]["kernel"][...], -0.01, rtol=1e-5)
+  np.testing.assert_allclose(
+    upd["blocks"][1]["mlp"]["fc"]["kernel"][...], -0.01, rtol=1e-5
+  )
   # The frozen block holds no optimiser state: no array in the state has
   # its shapes beyond those of the other groups' parameters.
   n_state = sum(x.size for x in jax.tree.leaves(state) if x.ndim)
   n_adam = sum(x.size for x in jax.tree.leaves(params["blocks"][1]))
   assert n_state == 2 * n_adam  # mu and nu of block 1 only
   with pytest.raises(ValueError, match=r"group\(s\) 'head' have no optimiser"):
-    optim.make_grouped_optimizer({"embed": sgd, "block/0": sgd, "block/1": sgd}).init(params)
+    optim.make_grouped_optimizer(
+      {"embed": sgd, "block/0": sgd, "block/1": sgd}
+    ).init(params)

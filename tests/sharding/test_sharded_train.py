@@ -79,6 +79,7 @@ def _trainer(mesh_name, **kw):
 def reference():
   assert jax.device_count() == 8
   trainer = _trainer(None)
+  assert trainer.guard == "select"
   state, history = trainer.run(batch_fn)
   return jax.device_get(state), history
 
@@ -89,6 +90,9 @@ def test_sharded_steps_equal_single_device(mesh_name, reference, tmp_path):
   trainer = _trainer(
     mesh_name, checkpoint_dir=str(tmp_path), checkpoint_every=STEPS
   )
+  # Several CPU devices: the step keeps a non-finite step's old state by a
+  # cond, the reference (one device) by per-leaf selects.
+  assert trainer.guard == "cond"
   state, hist = trainer.run(batch_fn)
   trainer.close()
   for a, b in zip(

@@ -57,6 +57,7 @@ from dataweights.train.state import (
 from dataweights.train.step import (
   SAMPLING_WEIGHTS,
   LossFn,
+  guard_for,
   jit_train_step,
   lm_loss,
   make_train_step,
@@ -183,6 +184,8 @@ class Trainer:
     )
     self.state: TrainState = state
     self.static: StaticParts = static
+    # make_train_step's guard: a cond on a CPU mesh of several devices.
+    self.guard = guard_for(mesh)
     self.shardings = shardings
     self.step_fn = make_train_step(
       static,
@@ -192,6 +195,7 @@ class Trainer:
       schedule=self.schedule,
       use_rng=use_rng,
       method=method,
+      guard=self.guard,
     )
     # One batch sharding for every named batch (each split along axis 0).
     self.jit_step = jit_train_step(

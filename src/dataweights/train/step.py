@@ -249,6 +249,23 @@ def _as_batches(batch_or_batches: Any) -> dict[str, Batch]:
   return {"train": b}
 
 
+# How a non-finite step keeps the old state (make_train_step's ``guard``).
+GUARDS = ("select", "cond")
+
+
+def guard_for(mesh: jax.sharding.Mesh | None) -> str:
+  """:func:`make_train_step`'s ``guard`` for a device mesh.
+
+  ``"cond"`` on a mesh of several CPU devices (host devices made with
+  ``--xla_force_host_platform_device_count``), ``"select"`` otherwise: one
+  device, or accelerators, where a ``cond`` reads its predicate on the host.
+  """
+  if mesh is None or mesh.size < 2:
+    return "select"
+  cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+  return "cond" if cpu else "select"
+
+
 def make_train_step(
   static: StaticParts,
   *,
@@ -259,6 +276,7 @@ def make_train_step(
   use_rng: bool = False,
   method: Method | None = None,
   drop_reduce_precision: bool = True,
+  guard: str = "select",
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure step ``train_step(state, batches) -> (state, metrics)``.
 
@@ -281,6 +299,17 @@ def make_train_step(
     method: the data-selection method (default: none); its state is
       ``state.extra["method"]``.
     drop_reduce_precision: see :func:`make_grad_fn`.
+    guard: how a non-finite step keeps the old state: ``"select"``, a
+      ``jnp.where`` per state leaf (one device; the published chapters'
+      programs), or ``"cond"``, one ``lax.cond`` between the new and the
+      old state. The values are the same, but XLA fuses the two programs
+      differently, so they differ by float rounding. With the state
+      replicated over several CPU host devices, ``"select"`` desynchronised
+      the devices at the gradient all-reduce (the step 0.89x of one
+      device's against 0.75x with ``"cond"``, ``bench_host_devices.py``);
+      :class:`dataweights.train.loop.Trainer` picks ``"cond"`` on a CPU
+      mesh of more than one device. On GPU a ``cond`` reads its predicate
+      on the host, so keep ``"select"`` there.
 
   Returns:
     The pure step function. Metrics (float32 scalars): ``loss`` (the
@@ -289,6 +318,8 @@ def make_train_step(
     ``nonfinite``, ``lr`` (with a schedule), per-domain keys and the
     method's own metrics (``method/...``).
   """
+  if guard not in GUARDS:
+    raise ValueError(f"guard={guard!r}; allowed: {', '.join(GUARDS)}")
   method = method or Plain()
   grad_fn = make_grad_fn(
     static,
@@ -382,9 +413,12 @@ def make_train_step(
     )
     # Skip the update on NaN/inf, and every later one (`halted` is sticky):
     # the host loop reads the metrics one step late and then stops.
-    new_state = jax.tree.map(
-      lambda new, old: jnp.where(ok, new, old), new_state, state
-    )
+    if guard == "cond":
+      new_state = jax.lax.cond(ok, lambda: new_state, lambda: state)
+    else:
+      new_state = jax.tree.map(
+        lambda new, old: jnp.where(ok, new, old), new_state, state
+      )
     new_state = new_state.replace(
       halted=jnp.where(ok, state.halted, jnp.ones_like(state.halted))
     )
