@@ -33,6 +33,13 @@ devices cannot raise the MFU by lowering the peak. The JSON also has each
 variant's gradient difference from ``single``'s (largest absolute
 difference over the largest entry), compiled memory and compile time.
 
+The ratios are paired within a process, but they move between processes
+by more than within one (on the development machine the data-parallel step
+ranged over 0.80-1.01x of one device's in three processes, and the
+one-device step itself over 102-119 ms): ``--processes`` (default 3) runs
+the whole benchmark in that many fresh processes, one after another, and
+reports each process's ratios and MFU with their median, min and max.
+
 Run on an idle machine (wall time):
 
   python benchmarks/bench_host_devices.py --out bench-results/host_devices.json
@@ -57,6 +64,12 @@ def _parse(argv=None) -> argparse.Namespace:
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--calls", type=int, default=3)
   ap.add_argument("--peak-n", type=int, default=2048)
+  ap.add_argument(
+    "--processes",
+    type=int,
+    default=3,
+    help="fresh processes, each a whole run (ratios vary between them)",
+  )
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--out", default="bench-results/host_devices.json")
   return ap.parse_args(argv)
@@ -85,6 +98,9 @@ if __name__ == "__main__":
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -262,7 +278,79 @@ def run(
   }
 
 
+def _child_argv(args: argparse.Namespace, out: str) -> list[str]:
+  argv = [sys.executable, __file__, "--processes", "1", "--out", out]
+  for flag in ("devices", "layers", "rounds", "steps", "calls", "peak_n"):
+    value = getattr(args, flag)
+    if value is not None:
+      argv += [f"--{flag.replace('_', '-')}", str(value)]
+  return argv + (["--quick"] if args.quick else [])
+
+
+def across_processes(runs: list[dict]) -> dict:
+  """Per variant: each process's paired step / fwd+bwd ratios and MFU."""
+  out = {}
+  for name in runs[0]["variants"]:
+    per = [r["variants"][name] for r in runs]
+    row = {
+      "step_ratio": [v["ratio_to_single"]["step"] for v in per],
+      "forward_backward_ratio": [
+        v["ratio_to_single"]["forward_backward"] for v in per
+      ],
+      "backward_over_forward": [v["backward_over_forward"] for v in per],
+      "mfu": [v["mfu"] for v in per],
+      "step_minus_forward_backward_s": [
+        v["step_minus_forward_backward_s"] for v in per
+      ],
+    }
+    out[name] = {
+      k: {
+        "median": statistics.median(v),
+        "min": min(v),
+        "max": max(v),
+        "all": v,
+      }
+      for k, v in row.items()
+    }
+  return out
+
+
+def main_processes(args: argparse.Namespace) -> None:
+  """``--processes`` fresh runs of this benchmark, one after another."""
+  t0 = time.perf_counter()
+  runs = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(args.processes):
+      out = f"{tmp}/run{i}.json"
+      print(f"=== process {i + 1}/{args.processes}", flush=True)
+      subprocess.run(_child_argv(args, out), check=True)
+      runs.append(json.loads(Path(out).read_text()))
+  summary = across_processes(runs)
+  result = {
+    "processes": len(runs),
+    "across_processes": summary,
+    "runs": runs,
+    "provenance": results.provenance(
+      "smoke" if args.quick else "book", time.perf_counter() - t0
+    ),
+  }
+  print("across processes (median [min, max]):")
+  for name, v in summary.items():
+    st, mfu = v["step_ratio"], v["mfu"]
+    print(
+      f"{name:18s} step {st['median']:.3f} [{st['min']:.3f}, {st['max']:.3f}]"
+      f"  MFU {mfu['median']:.1%} [{mfu['min']:.1%}, {mfu['max']:.1%}]"
+    )
+  path = Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results.to_jsonable(result), indent=1))
+  print("wrote", path)
+
+
 def main(args: argparse.Namespace) -> None:
+  if args.processes > 1:
+    main_processes(args)
+    return
   if jax.device_count() != args.devices:
     raise SystemExit(
       f"JAX sees {jax.device_count()} devices, not --devices {args.devices}: "
