@@ -109,23 +109,22 @@ import jax.numpy as jnp  # noqa: E402
 import lm_compare  # noqa: E402
 import numpy as np  # noqa: E402
 import op_profile  # noqa: E402
-from bench_lm_train import model_flops_per_step  # noqa: E402
+from bench_lm_train import matmul_params, model_flops_per_step  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from dataweights import results, sharding  # noqa: E402
 from dataweights.configs import lm  # noqa: E402
 
+_DATA = {"data": -1, "fsdp": 1, "model": 1}
+_FSDP = {"data": 1, "fsdp": -1, "model": 1}
 # name -> (mesh axes or None for one device, ModelConfig overrides)
 VARIANTS: dict[str, tuple[dict | None, dict]] = {
   "single": (None, {}),
-  "data": ({"data": -1, "fsdp": 1, "model": 1}, {}),
-  "fsdp": ({"data": 1, "fsdp": -1, "model": 1}, {}),
+  "data": (_DATA, {}),
+  "fsdp": (_FSDP, {}),
   "single+weight_dot": (None, {"weight_dot": True}),
-  "data+weight_dot": (
-    {"data": -1, "fsdp": 1, "model": 1},
-    {"weight_dot": True},
-  ),
+  "data+weight_dot": (_DATA, {"weight_dot": True}),
 }
 _KEYS = ("step", "forward", "forward_backward")
 
@@ -146,6 +145,7 @@ def _peaks(n: int) -> tuple[dict, dict]:
 
 
 def _variant(cfg: lm.ModelConfig, axes, over: dict, batch: int):
+  """(callables, JSON facts, the rest: gradient, programs, matmul params)."""
   mesh = None if axes is None else sharding.make_mesh(lm.MeshConfig(**axes))
   run, x = lm_compare.project_step(
     dataclasses.replace(cfg, **over), batch, mesh=mesh
@@ -156,15 +156,18 @@ def _variant(cfg: lm.ModelConfig, axes, over: dict, batch: int):
     "forward": lambda: x["forward"](*args),
     "forward_backward": lambda: x["grad"](*args),
   }
-  grads = [np.asarray(g) for g in jax.tree.leaves(x["grad"](*args))]
-  texts = {"step": x["step_text"], "forward_backward": x["grad"].as_text()}
+  rest = {
+    "grads": [np.asarray(g) for g in jax.tree.leaves(x["grad"](*args))],
+    "texts": {"step": x["step_text"], "forward_backward": x["grad"].as_text()},
+    "n_matmul": matmul_params(cfg, args[0]),
+  }
   facts = {
     "mesh": None if mesh is None else dict(mesh.shape),
     "model_overrides": over,
     "compile_s": x["compile_s"],
     "memory": x["memory"],
   }
-  return fns, facts, grads, args[0], texts
+  return fns, facts, rest
 
 
 def _time(fn, calls: int) -> float:
@@ -186,14 +189,10 @@ def run(
   peak_n: int,
 ) -> dict:
   """Interleaved, paired rounds of ``names`` (``single`` first) and peaks."""
-  fns, facts, grads, texts = {}, {}, {}, {}
-  n_params = None
+  fns, facts, rest = {}, {}, {}
   for name in names:
     axes, over = VARIANTS[name]
-    fns[name], facts[name], grads[name], params, texts[name] = _variant(
-      cfg, axes, over, batch
-    )
-    n_params = sum(p.size for p in jax.tree.leaves(params))
+    fns[name], facts[name], rest[name] = _variant(cfg, axes, over, batch)
     for f in fns[name].values():
       jax.block_until_ready(f())
     print(f"compiled {name}", flush=True)
@@ -221,14 +220,14 @@ def run(
   # After the timed rounds, so that tracing cannot perturb them.
   conc = {
     name: {
-      k: op_profile.concurrency(fns[name][k], texts[name][k], calls=10)
+      k: op_profile.concurrency(fns[name][k], rest[name]["texts"][k], 10)
       for k in ("step", "forward_backward")
     }
     for name in names
   }
 
   flops = model_flops_per_step(
-    cfg, n_params - cfg.max_len * cfg.d_model, batch, cfg.max_len
+    cfg, rest["single"]["n_matmul"], batch, cfg.max_len
   )
   peak = {
     k: {
@@ -238,7 +237,6 @@ def run(
     for k, v in peak_s.items()
   }
   best = max(peak, key=lambda k: peak[k]["gflops"])
-  scale = max(float(np.max(np.abs(g))) for g in grads["single"]) or 1.0
   variants = {}
   for name in names:
     med = {k: statistics.median(rd[name][k] for rd in per_round) for k in _KEYS}
@@ -256,11 +254,9 @@ def run(
       ),
       "step_minus_forward_backward_s": med["step"] - med["forward_backward"],
       "mfu": flops / med["step"] / (peak[best]["gflops"] * 1e9),
-      "grad_max_rel_diff_vs_single": max(
-        float(np.max(np.abs(a - b)))
-        for a, b in zip(grads["single"], grads[name])
-      )
-      / scale,
+      "grad_max_rel_diff_vs_single": lm_compare.grad_rel_diff(
+        rest["single"]["grads"], rest[name]["grads"]
+      ),
       "instruction_concurrency": conc[name],
       "per_round_s": [rd[name] for rd in per_round],
     }
@@ -315,6 +311,17 @@ def across_processes(runs: list[dict]) -> dict:
   return out
 
 
+def _save(result: dict, args: argparse.Namespace, t0: float) -> None:
+  """Adds provenance (wall time since ``t0``) and writes ``args.out``."""
+  result["provenance"] = results.provenance(
+    "smoke" if args.quick else "book", time.perf_counter() - t0
+  )
+  path = Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results.to_jsonable(result), indent=1))
+  print("wrote", path)
+
+
 def main_processes(args: argparse.Namespace) -> None:
   """``--processes`` fresh runs of this benchmark, one after another."""
   t0 = time.perf_counter()
@@ -330,9 +337,6 @@ def main_processes(args: argparse.Namespace) -> None:
     "processes": len(runs),
     "across_processes": summary,
     "runs": runs,
-    "provenance": results.provenance(
-      "smoke" if args.quick else "book", time.perf_counter() - t0
-    ),
   }
   print("across processes (median [min, max]):")
   for name, v in summary.items():
@@ -341,10 +345,7 @@ def main_processes(args: argparse.Namespace) -> None:
       f"{name:18s} step {st['median']:.3f} [{st['min']:.3f}, {st['max']:.3f}]"
       f"  MFU {mfu['median']:.1%} [{mfu['min']:.1%}, {mfu['max']:.1%}]"
     )
-  path = Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(results.to_jsonable(result), indent=1))
-  print("wrote", path)
+  _save(result, args, t0)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -367,9 +368,6 @@ def main(args: argparse.Namespace) -> None:
   out = run(cfg, 16, names, args.rounds, args.steps, args.calls, args.peak_n)
   out["load_average"] = {"start": load0, "end": os.getloadavg()}
   out["cpu_count"] = os.cpu_count()
-  out["provenance"] = results.provenance(
-    "smoke" if args.quick else "book", time.perf_counter() - t0
-  )
   for k, v in out["peak"]["by_layout"].items():
     print(f"peak {k:22s} {v['gflops']:.0f} GFLOP/s")
   for name, v in out["variants"].items():
@@ -382,10 +380,7 @@ def main(args: argparse.Namespace) -> None:
       f"  concurrency {v['instruction_concurrency']['step']['mean_concurrency']:.2f}"
       f"  MFU {v['mfu']:.1%}  grad diff {v['grad_max_rel_diff_vs_single']:.1e}"
     )
-  path = Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(results.to_jsonable(out), indent=1))
-  print("wrote", path)
+  _save(out, args, t0)
 
 
 if __name__ == "__main__":

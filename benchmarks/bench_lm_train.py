@@ -138,6 +138,12 @@ def measure_peak(n: int, repeats: int) -> dict:
   return {"n": n, **by_lib[lib], "library": lib, "by_library": by_lib}
 
 
+def matmul_params(cfg, params) -> int:
+  """Parameters that take part in a matmul: all but the position table."""
+  n_all = sum(x.size for x in jax.tree.leaves(params))
+  return n_all - cfg.max_len * cfg.d_model
+
+
 def model_flops_per_step(
   cfg, n_params_matmul: int, batch: int, length: int
 ) -> float:
@@ -295,7 +301,7 @@ def run(profile: str, steps: int, repeats: int, peak_n: int) -> dict:
     return m["loss"]
 
   n_all = sum(x.size for x in jax.tree.leaves(state.params))
-  n_matmul = n_all - model_cfg.max_len * model_cfg.d_model  # minus wpe
+  n_matmul = matmul_params(model_cfg, state.params)
   flops = model_flops_per_step(model_cfg, n_matmul, batch_size, length)
   tokens = batch_size * length
   breakdown = measure_breakdown(

@@ -133,11 +133,6 @@ def _variant(model: dict, options: dict, n: int) -> tuple[dict, dict]:
   return fns, {"text": text, "grads": grads}
 
 
-def _grad_diff(a: list, b: list) -> float:
-  scale = max(float(np.max(np.abs(x))) for x in a) or 1.0
-  return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) / scale
-
-
 def run(names: list[str], rounds: int, calls: int, n: int = 2048) -> dict:
   """Interleaved, paired rounds of every variant in ``names`` (default first)."""
   fns, facts = {}, {}
@@ -178,7 +173,7 @@ def run(names: list[str], rounds: int, calls: int, n: int = 2048) -> dict:
       "ratio_to_default": ratio,
       "backward_over_forward": bwd,
       "matmul_gflops": 2 * n**3 / med["matmul"] / 1e9,
-      "grad_max_rel_diff_vs_default": _grad_diff(
+      "grad_max_rel_diff_vs_default": lm_compare.grad_rel_diff(
         ref["grads"], facts[name]["grads"]
       ),
       "same_hlo_as_default": facts[name]["text"] == ref["text"],

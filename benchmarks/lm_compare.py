@@ -145,6 +145,14 @@ def project_step(
   }
 
 
+def grad_rel_diff(ref: list, other: list) -> float:
+  """Largest absolute difference of two gradients' leaves over ``ref``'s
+  largest entry (one scale for all leaves: the key-bias gradients are zero
+  in exact arithmetic, so per-leaf relative differences compare noise)."""
+  scale = max(float(np.max(np.abs(x))) for x in ref) or 1.0
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(ref, other)) / scale
+
+
 def train_grad(loss, drop_reduce_precision: bool = True):
   """``jax.grad(loss)`` as the train step builds it (see make_grad_fn)."""
   g = jax.grad(loss)
