@@ -33,6 +33,11 @@ Problems (``--problem``, default both), full batch, float32, lr 0.05:
 * ``logistic``: logistic regression on 1024 features (|θ| = 1025), 512
   training examples split over K domains with label noise growing with
   the domain index; matrix-vector bound with tiny per-step residuals.
+  Its 2.25 MiB of features sit at the 2 MiB L2 of one core of the
+  development machine, where forward and reverse mode trade places between
+  processes; ``--logistic-features 256 512 2048 4096`` runs the same
+  problem (``logistic_<D>``) with data well inside and well outside that
+  cache, the two regimes of ``bilevel.choose_hypergrad_mode``.
 
 Floors (task brief):
 1. forward-mode memory does not grow with T: for every K, XLA temp bytes
@@ -115,21 +120,21 @@ def make_mlp(K: int, seed: int = 0):
   return bilevel.MixingProblem(domain_losses, val_loss), params
 
 
-def make_logistic(K: int, seed: int = 0):
+def make_logistic(K: int, seed: int = 0, features: int = D_LOGIT):
   """Logistic regression with K domains; returns (problem, params)."""
   rng = np.random.default_rng(seed)
   M = M_LOGIT // K
-  u_D = rng.normal(size=D_LOGIT) / np.sqrt(D_LOGIT)
-  x_KxMxD = rng.normal(size=(K, M, D_LOGIT))
+  u_D = rng.normal(size=features) / np.sqrt(features)
+  x_KxMxD = rng.normal(size=(K, M, features))
   flip_K = np.linspace(0.0, 0.4, K)[:, None]  # domain k: labels flipped
   y_KxM = ((x_KxMxD @ u_D > 0) ^ (rng.uniform(size=(K, M)) < flip_K)) * 1.0
-  xv_MxD = rng.normal(size=(M_VAL, D_LOGIT))
+  xv_MxD = rng.normal(size=(M_VAL, features))
   yv_M = (xv_MxD @ u_D > 0) * 1.0
   x_KxMxD, y_KxM, xv_MxD, yv_M = (
     jnp.asarray(a, jnp.float32) for a in (x_KxMxD, y_KxM, xv_MxD, yv_M)
   )
   params = {
-    "w_D": jnp.zeros(D_LOGIT, jnp.float32),
+    "w_D": jnp.zeros(features, jnp.float32),
     "b": jnp.zeros((), jnp.float32),
   }
 
@@ -160,6 +165,29 @@ PROBLEMS = {
     f"examples split over K domains, {M_VAL} validation",
   ),
 }
+
+
+def logistic_name(features: int) -> str:
+  """The problem name of logistic regression on ``features`` features."""
+  return "logistic" if features == D_LOGIT else f"logistic_{features}"
+
+
+def make_problem(name: str, K: int):
+  """(problem, params) of a problem name: a PROBLEMS key or logistic_<D>."""
+  if name.startswith("logistic_"):
+    return make_logistic(K, features=int(name.split("_", 1)[1]))
+  return PROBLEMS[name][0](K)
+
+
+def describe(name: str) -> str:
+  if name.startswith("logistic_"):
+    D = int(name.split("_", 1)[1])
+    return (
+      f"logistic regression, {D} features (+bias), float32, {M_LOGIT} train "
+      f"examples split over K domains, {M_VAL} validation; "
+      f"{(M_LOGIT + M_VAL) * D * 4 / 2**20:.2f} MiB of features"
+    )
+  return PROBLEMS[name][1]
 
 
 def _modes(problem, T):
@@ -239,7 +267,7 @@ def _memory(compiled) -> dict[str, int] | None:
 
 def bench_cell(name: str, K: int, T: int, repeats: int, min_s: float) -> dict:
   """One (problem, K, T) cell: time and compiled memory of every mode."""
-  problem, params = PROBLEMS[name][0](K)
+  problem, params = make_problem(name, K)
   w_K = jnp.full((K,), 1.0 / K, jnp.float32)
   cell = {"problem": name, "K": K, "T": T, "modes": {}}
   compiled, outs = {}, {}
@@ -405,6 +433,14 @@ def main() -> None:
     action="store_true",
     help="ratios and floors from wall time (default on GPU)",
   )
+  ap.add_argument(
+    "--logistic-features",
+    type=int,
+    nargs="*",
+    help="run logistic regression at these feature counts (problems "
+    f"logistic_<D>; {D_LOGIT} is 'logistic'), e.g. 256 512 2048 4096: data "
+    "below and above one core's cache",
+  )
   ap.add_argument("--T", type=int, nargs="*", help="override the T grid")
   ap.add_argument("--K", type=int, nargs="*", help="override the K grid")
   args = ap.parse_args()
@@ -414,6 +450,10 @@ def main() -> None:
   Ts = args.T or ([1, 10, 100] if args.quick else [1, 10, 100, 1000])
   Ks = args.K or ([2, 4] if args.quick else [2, 4, 8])
   names = args.problem or sorted(PROBLEMS)
+  if args.logistic_features:
+    if args.problem is None:
+      names = [n for n in names if n != "logistic"]
+    names += [logistic_name(D) for D in args.logistic_features]
   repeats, min_s = (5, 0.02) if args.quick else (7, 0.05)
   cells = []
   for name in names:
@@ -439,7 +479,8 @@ def main() -> None:
         )
   out = {
     "benchmark": "mixing_outer_round_vs_plain_steps",
-    "problems": {n: PROBLEMS[n][1] for n in names},
+    "problems": {n: describe(n) for n in names},
+    "data_cache_bytes": bilevel.default_data_cache_bytes(),
     "lr": LR,
     "grid": {"T": Ts, "K": Ks, "repeats": repeats, "min_repeat_s": min_s},
     "time_key": TIME_KEY,

@@ -48,7 +48,7 @@ def _logistic(K=4, M=128, D=512, seed=0):
   return bilevel.MixingProblem(domain, val), {"w": jnp.zeros(D)}
 
 
-def _choose(problem, params, K, T, budget=None):
+def _choose(problem, params, K, T, budget=None, cache=None):
   return bilevel.choose_hypergrad_mode(
     problem,
     params,
@@ -56,20 +56,91 @@ def _choose(problem, params, K, T, budget=None):
     lr=0.05,
     T=T,
     memory_budget_bytes=budget,
+    data_cache_bytes=cache,
   )
 
 
-def test_auto_for_a_matrix_vector_step():
-  choice = _choose(*_logistic(), K=4, T=100)
-  assert choice.mode == "reverse", choice
+def test_auto_for_a_matrix_vector_step_in_cache():
+  problem, params = _logistic()
+  data = 4 * 128 * 512 * 4  # x, float32; y adds 2 KiB
+  choice = _choose(problem, params, K=4, T=100, cache=4 * data)
+  assert data < choice.data_bytes < data + 4096
+  assert choice.cache_bytes == 4 * data
   # residuals: a few K x M vectors, far below the intensity threshold
   assert choice.residual_bytes < 0.02 * choice.step_flops
-  # reading the data dominates: the forward directions share each read
+  # few FLOPs per byte, but the data fit in the cache: every direction costs
+  # its 1.5 steps, and reverse mode (2 steps) wins for every K >= 1
   assert choice.step_flops < 4 * choice.data_bytes
-  assert choice.time_steps["forward"] == pytest.approx(1 + 0.55 * 4)
-  # K = 2: 1 + 0.55 K = 2.1 > 2, reverse (forward lost by 12-54% in three
-  # of four runs of benchmarks/bench_mixing.py at T >= 100)
-  assert _choose(*_logistic(K=2), K=2, T=100).mode == "reverse"
+  assert choice.time_steps["forward"] == pytest.approx(1 + 1.5 * 4)
+  assert choice.mode == "reverse", choice
+  for K in (2, 8):
+    assert _choose(*_logistic(K=K), K=K, T=100, cache=4 * data).mode == (
+      "reverse"
+    )
+
+
+@pytest.mark.parametrize(
+  ("K", "forward_steps", "mode"),
+  # max(2, 1 + 0.2 K): the two sweeps of the data bound forward mode up to
+  # K = 5; it ties reverse mode's 2 steps and wins on memory; K = 8 costs
+  # 2.6 steps, reverse
+  [(2, 2.0, "forward"), (4, 2.0, "forward"), (8, 2.6, "reverse")],
+)
+def test_auto_for_a_matrix_vector_step_streaming_its_data(
+  K, forward_steps, mode
+):
+  problem, params = _logistic(K=K)
+  choice = _choose(problem, params, K=K, T=100, cache=1 << 16)
+  assert choice.data_bytes > choice.cache_bytes == 1 << 16
+  assert choice.time_steps["forward"] == pytest.approx(forward_steps)
+  assert choice.time_steps["reverse"] == 2.0
+  assert choice.mode == mode, choice
+
+
+def test_the_mlp_is_not_data_bound_whatever_the_cache():
+  # many FLOPs per byte: the cache does not enter; 1 + 1.5 K
+  for cache in (1 << 10, 1 << 30):
+    choice = _choose(*_mlp(), K=2, T=100, cache=cache)
+    assert choice.step_flops > 4 * choice.data_bytes
+    assert choice.time_steps["forward"] == pytest.approx(4.0)
+
+
+def _fake_cache(root, entries):
+  for i, (level, kind, size) in enumerate(entries):
+    d = root / f"index{i}"
+    d.mkdir(parents=True)
+    (d / "level").write_text(f"{level}\n")
+    (d / "type").write_text(f"{kind}\n")
+    (d / "size").write_text(f"{size}\n")
+  return str(root)
+
+
+@pytest.mark.parametrize(
+  ("entries", "expected"),
+  [
+    (
+      [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K")],
+      2 << 20,
+    ),
+    ([(2, "Unified", "1M"), (3, "Unified", "480M")], 1 << 20),
+    ([(2, "Data", "512K")], 512 << 10),
+    ([(1, "Data", "48K"), (3, "Unified", "30M")], None),  # no level 2
+    ([(2, "Instruction", "1M")], None),  # not a data cache
+    ([(2, "Unified", "abc")], None),
+    ([(2, "Unified", "0K")], None),
+    ([(2, "Unified", "12T")], None),
+  ],
+)
+def test_core_cache_bytes_reads_sysfs(tmp_path, entries, expected):
+  assert bilevel.core_cache_bytes(_fake_cache(tmp_path, entries)) == expected
+
+
+def test_core_cache_bytes_without_sysfs(tmp_path):
+  assert bilevel.core_cache_bytes(str(tmp_path / "missing")) is None
+  found = bilevel.core_cache_bytes()
+  default = bilevel.default_data_cache_bytes()
+  assert default == (bilevel.CACHE_BYTES if found is None else found)
+  assert _choose(*_logistic(K=2), K=2, T=10).cache_bytes == default
 
 
 @pytest.mark.parametrize("make", [_mlp, _logistic])
@@ -158,6 +229,11 @@ def test_bad_mode_and_budget_raise():
     bilevel.choose_hypergrad_mode(
       problem, params, w, lr=0.1, T=2, memory_budget_bytes=-1
     )
+  for bad in (0, 2.5, True, "1M"):
+    with pytest.raises(ValueError, match=f"data_cache_bytes = {bad!r} is"):
+      bilevel.choose_hypergrad_mode(
+        problem, params, w, lr=0.1, T=2, data_cache_bytes=bad
+      )
   with pytest.raises(mixing.MixingError, match="hypergrad = 'fast'"):
     mixing.run_mixing(
       problem, params, w, lr=0.1, T=2, N=2, beta=0.1, hypergrad="fast"

@@ -432,16 +432,27 @@ HYPERGRAD_MODES = ("forward", "reverse", "reverse_remat")
 # (forward-over-reverse HVP, vmapped over K); reverse mode's backward
 # pass costs about one more step; remat adds one recomputed forward step.
 FORWARD_STEPS_PER_DIRECTION = 1.5
-# ... unless the step is bound by reading its data (fewer than
+# ... unless the step is bound by reading its data: fewer than
 # DATA_BOUND_FLOPS_PER_BYTE FLOPs per byte of closed-over data and
-# minibatch, e.g. logistic regression): the K vmapped directions then share
-# each read of the data and cost FORWARD_STEPS_PER_DIRECTION_DATA_BOUND.
-# 0.55 (was 0.45): in four runs of benchmarks/bench_mixing.py on a shared
-# 2-core machine (benchmarks/results/mixing*.json) forward mode at logistic
-# K = 2, T >= 100 was 12-54% slower than reverse in three and 4% faster in
-# one; at 0.55 K = 2 gets reverse (1 + 0.55 K > 2), K = 1 forward.
+# minibatch (e.g. logistic regression) *and* more data than one core's cache
+# holds (``data_cache_bytes``). Then every inner step streams the data from
+# memory; the primal gradient and the K vmapped tangent directions sweep it
+# once each (the directions share their sweep), so forward mode costs about
+# FORWARD_STEPS_BANDWIDTH_BOUND inner steps until the directions'
+# arithmetic, FORWARD_STEPS_PER_DIRECTION_DATA_BOUND each, exceeds that. A
+# data-bound step whose data fit in the cache reads them cheaply; its
+# directions cost FORWARD_STEPS_PER_DIRECTION like any other step's.
+# Measured (benchmarks/bench_mixing.py --logistic-features 256 512 2048 4096,
+# benchmarks/results/mixing_sizes.json; 2-core CPU, 2 MiB L2 per core):
+# with 0.5-1 MiB of data forward mode was 1.2-4.3x slower than reverse in
+# every cell; with 4-8 MiB, K = 2, 4 it was 0.84-1.05x reverse's time,
+# K = 8 1.13-1.24x. (The previous model, one constant 0.55 per direction
+# whenever F < 4 x data bytes, had been fitted to runs at 2 MiB of data, the
+# size of that machine's L2, where the two modes trade places between
+# processes.)
 DATA_BOUND_FLOPS_PER_BYTE = 4.0
-FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.55
+FORWARD_STEPS_BANDWIDTH_BOUND = 2.0
+FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.2
 REVERSE_STEPS = 2.0
 REMAT_STEPS = 3.0
 # With a single inner step θ_0 does not depend on w: reverse mode's sweep is
@@ -454,6 +465,54 @@ REVERSE_STEPS_SINGLE = 1.0
 # REVERSE_STEPS * intensity / RESIDUAL_BYTES_PER_FLOP.
 RESIDUAL_BYTES_PER_FLOP = 0.02
 CACHE_BYTES = 1 << 20
+SYSFS_CPU0_CACHE = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def core_cache_bytes(root: str = SYSFS_CPU0_CACHE) -> int | None:
+  """Bytes of one CPU core's level-2 cache, from Linux sysfs.
+
+  Reads ``index*/level``, ``type`` and ``size`` (``"2048K"``) under
+  ``root``; the unified or data cache of level 2 counts.
+
+  Args:
+    root: the ``cache`` directory of one CPU.
+
+  Returns:
+    The size in bytes, or None where sysfs does not say (not Linux, no
+    level-2 entry, or a size that does not parse).
+  """
+  import pathlib  # noqa: PLC0415
+
+  units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+  try:
+    entries = sorted(pathlib.Path(root).glob("index*"))
+  except OSError:
+    return None
+  for entry in entries:
+    try:
+      level = (entry / "level").read_text().strip()
+      kind = (entry / "type").read_text().strip()
+      size = (entry / "size").read_text().strip().upper()
+    except OSError:
+      continue
+    if level != "2" or kind not in ("Unified", "Data"):
+      continue
+    digits, unit = size.rstrip("KMG"), size[len(size.rstrip("KMG")) :]
+    if digits.isdigit() and unit in units and int(digits) > 0:
+      return int(digits) * units[unit]
+    return None
+  return None
+
+
+def default_data_cache_bytes() -> int:
+  """The cache a data-bound step must outgrow to stream from memory.
+
+  On the CPU backend, one core's L2 (:func:`core_cache_bytes`); elsewhere,
+  or if sysfs does not say, ``CACHE_BYTES`` (1 MiB). The cost model is fitted
+  on CPU only (see :func:`choose_hypergrad_mode`).
+  """
+  found = core_cache_bytes() if jax.default_backend() == "cpu" else None
+  return CACHE_BYTES if found is None else found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +531,7 @@ class ModeChoice:
     step_flops: XLA's FLOP count of one inner step (``None`` if unknown).
     data_bytes: bytes of the data one inner step reads (closed-over
       constants and its minibatch).
+    cache_bytes: ``C``, the cache the data were compared with.
   """
 
   mode: str
@@ -483,6 +543,7 @@ class ModeChoice:
   residual_bytes: int | None
   step_flops: float | None
   data_bytes: int
+  cache_bytes: int
 
 
 def _nbytes(tree) -> int:
@@ -523,18 +584,21 @@ def choose_hypergrad_mode(
   T: int,
   batches: Batch | None = None,
   memory_budget_bytes: int | None = None,
+  data_cache_bytes: int | None = None,
 ) -> ModeChoice:
   """Picks forward, reverse or rematerialised reverse mode for T steps.
 
   The cost model, with ``P`` the bytes of ``θ``, ``R`` the bytes reverse
   mode stores per inner step beyond ``θ_t`` (traced, not run), ``F`` the
-  FLOPs of one inner step (XLA's count of the lowered step), K domains:
+  FLOPs of one inner step (XLA's count of the lowered step), ``B`` the
+  bytes of data one step reads, ``C`` one core's cache, K domains:
 
   ================  ============================  ==================
   mode              time (inner steps per step)   memory
   ================  ============================  ==================
-  forward           ``1 + 1.5 K``; ``1 + 0.55 K``  ``(K + 2) P + R``
-                    if ``F`` < 4 x data bytes
+  forward           ``1 + 1.5 K``; but            ``(K + 2) P + R``
+                    ``max(2, 1 + 0.2 K)`` if
+                    ``F < 4 B`` and ``B > C``
   reverse           ``2``, or ``2 ρ / ρ*`` if     ``T (P + R) + P``
                     ``ρ = R / F > ρ* = 0.02``
                     and ``T (P + R) > 1 MiB``;
@@ -546,8 +610,12 @@ def choose_hypergrad_mode(
   FLOP and its residuals outgrow the cache (then recomputing the step is
   cheaper than storing it). Forward mode's K directions are vmapped: when
   the step does fewer than 4 FLOPs per byte of data it reads (its
-  closed-over constants and minibatch), they share each read of the data
-  and cost 0.55 steps each, not 1.5. With ``T = 1``, ``θ_0`` does not
+  closed-over constants and minibatch) and those data do not fit in the
+  cache, every step streams them from memory, the directions share one
+  sweep of the data, and forward mode costs about two steps (the primal
+  gradient's sweep and the directions') until the directions' arithmetic,
+  0.2 steps each, costs more. Data that fit in the cache are read cheaply,
+  and each direction costs its 1.5 steps. With ``T = 1``, ``θ_0`` does not
   depend on ``w``: reverse mode differentiates one step with respect to
   ``w`` alone (no Hessian product), so it wins for any K. Among the
   modes whose memory fits ``memory_budget_bytes`` the fastest wins, ties to
@@ -559,8 +627,10 @@ def choose_hypergrad_mode(
   reverse mode; a budget below ``T P`` forces forward mode; a step that
   stores many activations per FLOP (an MLP on many examples) gives
   ``reverse_remat``; a matrix-vector step (logistic regression) gives
-  ``reverse`` for ``K >= 2`` and ``forward`` for ``K = 1``; a single
-  step gives ``reverse``.
+  ``reverse`` when its data fit in the cache, and ``forward`` for
+  ``K <= 5`` when they do not; a single step gives ``reverse``.
+  Where the data are about the cache's size, the two modes trade places
+  from run to run (``benchmarks/bench_mixing.py``'s ``logistic``).
 
   Args:
     problem: the bilevel problem.
@@ -570,6 +640,8 @@ def choose_hypergrad_mode(
     T: inner horizon, ``>= 1``.
     batches: as for :func:`hypergrad_forward` (leading axis T), or None.
     memory_budget_bytes: bytes the hypergradient may keep; None: no limit.
+    data_cache_bytes: ``C``; None: :func:`default_data_cache_bytes` (one
+      core's L2 on CPU).
 
   Returns:
     A :class:`ModeChoice`.
@@ -586,15 +658,19 @@ def choose_hypergrad_mode(
         f"step); got leading axes {sorted(lead, key=str)}"
       )
   w_K = _check_w(w_K)
-  if memory_budget_bytes is not None and not (
-    isinstance(memory_budget_bytes, (int, np.integer))
-    and not isinstance(memory_budget_bytes, bool)
-    and memory_budget_bytes > 0
+  for name, value, none in (
+    ("memory_budget_bytes", memory_budget_bytes, "no limit"),
+    ("data_cache_bytes", data_cache_bytes, "this machine's"),
   ):
-    raise ValueError(
-      f"memory_budget_bytes = {memory_budget_bytes!r} is invalid; it must be "
-      "a positive integer or None (no limit)"
-    )
+    if value is not None and not (
+      isinstance(value, (int, np.integer))
+      and not isinstance(value, bool)
+      and value > 0
+    ):
+      raise ValueError(
+        f"{name} = {value!r} is invalid; it must be a positive integer or "
+        f"None ({none})"
+      )
   K = int(w_K.shape[0])
   batch0 = None
   if batches is not None:
@@ -618,9 +694,18 @@ def choose_hypergrad_mode(
   data = _nbytes([c for c in consts if hasattr(c, "dtype")]) + _nbytes(batch0)
   r = P if R is None else R
   rho = None if F is None or F <= 0 else r / F
-  per_direction = FORWARD_STEPS_PER_DIRECTION
-  if F is not None and data > 0 and F / data < DATA_BOUND_FLOPS_PER_BYTE:
-    per_direction = FORWARD_STEPS_PER_DIRECTION_DATA_BOUND
+  cache = (
+    default_data_cache_bytes() if data_cache_bytes is None else data_cache_bytes
+  )
+  t_fwd = 1 + FORWARD_STEPS_PER_DIRECTION * K
+  data_bound = (
+    F is not None and data > 0 and F / data < DATA_BOUND_FLOPS_PER_BYTE
+  )
+  if data_bound and data > cache:
+    t_fwd = max(
+      FORWARD_STEPS_BANDWIDTH_BOUND,
+      1 + FORWARD_STEPS_PER_DIRECTION_DATA_BOUND * K,
+    )
   t_rev = REVERSE_STEPS
   stored = T * (P + r)
   if rho is not None and rho > RESIDUAL_BYTES_PER_FLOP and stored > CACHE_BYTES:
@@ -630,7 +715,7 @@ def choose_hypergrad_mode(
     t_rev = REVERSE_STEPS_SINGLE
     t_remat = REVERSE_STEPS_SINGLE + (REMAT_STEPS - REVERSE_STEPS)
   time_steps = {
-    "forward": 1 + per_direction * K,
+    "forward": t_fwd,
     "reverse": t_rev,
     "reverse_remat": t_remat,
   }
@@ -663,6 +748,7 @@ def choose_hypergrad_mode(
     residual_bytes=R,
     step_flops=F,
     data_bytes=data,
+    cache_bytes=int(cache),
   )
 
 
