@@ -39,6 +39,15 @@ Problems (``--problem``, default both), full batch, float32, lr 0.05:
   problem (``logistic_<D>``) with data well inside and well outside that
   cache, the two regimes of ``bilevel.choose_hypergrad_mode``.
 
+Data as constants or arguments. By default each problem closes over its
+data, so XLA compiles them in as constants. ``--data-as-args`` builds the
+problem inside the jitted function from data passed as arguments, as a
+caller does whose data are not known at compile time. On XLA:CPU this
+changes reverse mode: its backward loop multiplies by the data transposed,
+and the transposed copy of a constant is folded at compile time, while that
+of an argument is made again in every backward step (XLA does not hoist
+it out of the loop; no ``xla_cpu_*`` library option tried changes that).
+
 Floors (task brief):
 1. forward-mode memory does not grow with T: for every K, XLA temp bytes
    at the largest T are within 1% of those at the second-largest T
@@ -82,10 +91,15 @@ from dataweights.methods import bilevel
 D_IN, HIDDEN, M_TRAIN, M_VAL, LR = 32, 32, 256, 64, 0.05
 D_LOGIT, M_LOGIT = 1024, 512  # logistic regression: features, train examples
 TIME_KEY = "cpu_min_s"  # what ratios and floors use (see the docstring)
+DATA_AS_ARGS = False  # --data-as-args (see the docstring)
 
 
 def make_mlp(K: int, seed: int = 0):
-  """The MLP problem with K domains; returns (problem, params)."""
+  """The MLP problem with K domains; returns (build, data, params).
+
+  ``build(data)`` is the :class:`bilevel.MixingProblem` closing over
+  ``data`` (see ``make_problem``).
+  """
   rng = np.random.default_rng(seed)
   M = M_TRAIN // K
   x_KxMxD = rng.normal(size=(K, M, D_IN)).astype(np.float32)
@@ -94,8 +108,7 @@ def make_mlp(K: int, seed: int = 0):
   y_KxM = np.sin((x_KxMxD + 0.3 * shift_KxD) @ u_D).astype(np.float32)
   xv_MxD = rng.normal(size=(M_VAL, D_IN)).astype(np.float32)
   yv_M = np.sin(xv_MxD @ u_D).astype(np.float32)
-  x_KxMxD, y_KxM = jnp.asarray(x_KxMxD), jnp.asarray(y_KxM)
-  xv_MxD, yv_M = jnp.asarray(xv_MxD), jnp.asarray(yv_M)
+  data = tuple(jnp.asarray(a) for a in (x_KxMxD, y_KxM, xv_MxD, yv_M))
   params = {
     "W1_DxH": jnp.asarray(
       rng.normal(size=(D_IN, HIDDEN)) / np.sqrt(D_IN), jnp.float32
@@ -109,19 +122,24 @@ def make_mlp(K: int, seed: int = 0):
     h_MxH = jnp.tanh(x_MxD @ p["W1_DxH"] + p["b1_H"][None])
     return h_MxH @ p["w2_H"] + p["b2"]
 
-  def domain_losses(p, batch):
-    return jax.vmap(lambda x, y: 0.5 * jnp.mean((predict(p, x) - y) ** 2))(
-      x_KxMxD, y_KxM
-    )
+  def build(data):
+    x_KxMxD, y_KxM, xv_MxD, yv_M = data
 
-  def val_loss(p, batch):
-    return 0.5 * jnp.mean((predict(p, xv_MxD) - yv_M) ** 2)
+    def domain_losses(p, batch):
+      return jax.vmap(lambda x, y: 0.5 * jnp.mean((predict(p, x) - y) ** 2))(
+        x_KxMxD, y_KxM
+      )
 
-  return bilevel.MixingProblem(domain_losses, val_loss), params
+    def val_loss(p, batch):
+      return 0.5 * jnp.mean((predict(p, xv_MxD) - yv_M) ** 2)
+
+    return bilevel.MixingProblem(domain_losses, val_loss)
+
+  return build, data, params
 
 
 def make_logistic(K: int, seed: int = 0, features: int = D_LOGIT):
-  """Logistic regression with K domains; returns (problem, params)."""
+  """Logistic regression with K domains; returns (build, data, params)."""
   rng = np.random.default_rng(seed)
   M = M_LOGIT // K
   u_D = rng.normal(size=features) / np.sqrt(features)
@@ -130,7 +148,7 @@ def make_logistic(K: int, seed: int = 0, features: int = D_LOGIT):
   y_KxM = ((x_KxMxD @ u_D > 0) ^ (rng.uniform(size=(K, M)) < flip_K)) * 1.0
   xv_MxD = rng.normal(size=(M_VAL, features))
   yv_M = (xv_MxD @ u_D > 0) * 1.0
-  x_KxMxD, y_KxM, xv_MxD, yv_M = (
+  data = tuple(
     jnp.asarray(a, jnp.float32) for a in (x_KxMxD, y_KxM, xv_MxD, yv_M)
   )
   params = {
@@ -142,13 +160,18 @@ def make_logistic(K: int, seed: int = 0, features: int = D_LOGIT):
     z_M = x_MxD @ p["w_D"] + p["b"]
     return jnp.mean(jnp.logaddexp(0.0, z_M) - y_M * z_M)
 
-  def domain_losses(p, batch):
-    return jax.vmap(lambda x, y: nll(p, x, y))(x_KxMxD, y_KxM)
+  def build(data):
+    x_KxMxD, y_KxM, xv_MxD, yv_M = data
 
-  def val_loss(p, batch):
-    return nll(p, xv_MxD, yv_M)
+    def domain_losses(p, batch):
+      return jax.vmap(lambda x, y: nll(p, x, y))(x_KxMxD, y_KxM)
 
-  return bilevel.MixingProblem(domain_losses, val_loss), params
+    def val_loss(p, batch):
+      return nll(p, xv_MxD, yv_M)
+
+    return bilevel.MixingProblem(domain_losses, val_loss)
+
+  return build, data, params
 
 
 PROBLEMS = {
@@ -173,7 +196,7 @@ def logistic_name(features: int) -> str:
 
 
 def make_problem(name: str, K: int):
-  """(problem, params) of a problem name: a PROBLEMS key or logistic_<D>."""
+  """(build, data, params) of a problem name: PROBLEMS or logistic_<D>."""
   if name.startswith("logistic_"):
     return make_logistic(K, features=int(name.split("_", 1)[1]))
   return PROBLEMS[name][0](K)
@@ -267,19 +290,24 @@ def _memory(compiled) -> dict[str, int] | None:
 
 def bench_cell(name: str, K: int, T: int, repeats: int, min_s: float) -> dict:
   """One (problem, K, T) cell: time and compiled memory of every mode."""
-  problem, params = make_problem(name, K)
+  build, data, params = make_problem(name, K)
+  problem = build(data)  # closes over the data: XLA constants
   w_K = jnp.full((K,), 1.0 / K, jnp.float32)
   cell = {"problem": name, "K": K, "T": T, "modes": {}}
+  cell["data_as_args"] = DATA_AS_ARGS
+  args = (params, w_K, data) if DATA_AS_ARGS else (params, w_K)
   compiled, outs = {}, {}
   for name, fn in _modes(problem, T).items():
+    if DATA_AS_ARGS:  # the problem built inside the jit from its arguments
+      fn = (lambda m: lambda p, w, d: _modes(build(d), T)[m](p, w))(name)
     t0 = time.perf_counter()
-    compiled[name] = jax.jit(fn).lower(params, w_K).compile()
+    compiled[name] = jax.jit(fn).lower(*args).compile()
     cell["modes"][name] = {
       "compile_s": time.perf_counter() - t0,
       "memory": _memory(compiled[name]),
     }
-    outs[name] = compiled[name](params, w_K)
-  timing = _time_interleaved(compiled, (params, w_K), repeats, min_s)
+    outs[name] = compiled[name](*args)
+  timing = _time_interleaved(compiled, args, repeats, min_s)
   for name, t in timing.items():
     cell["modes"][name].update(t)
   for m in cell["modes"].values():
@@ -441,10 +469,17 @@ def main() -> None:
     f"logistic_<D>; {D_LOGIT} is 'logistic'), e.g. 256 512 2048 4096: data "
     "below and above one core's cache",
   )
+  ap.add_argument(
+    "--data-as-args",
+    action="store_true",
+    help="pass the data to the jitted programs as arguments (the problem "
+    "built inside the jit) instead of closing over them as constants",
+  )
   ap.add_argument("--T", type=int, nargs="*", help="override the T grid")
   ap.add_argument("--K", type=int, nargs="*", help="override the K grid")
   args = ap.parse_args()
-  global TIME_KEY
+  global TIME_KEY, DATA_AS_ARGS
+  DATA_AS_ARGS = args.data_as_args
   if args.wall or jax.default_backend() != "cpu":
     TIME_KEY = "wall_min_s"
   Ts = args.T or ([1, 10, 100] if args.quick else [1, 10, 100, 1000])
@@ -484,6 +519,7 @@ def main() -> None:
     "lr": LR,
     "grid": {"T": Ts, "K": Ks, "repeats": repeats, "min_repeat_s": min_s},
     "time_key": TIME_KEY,
+    "data_as_args": DATA_AS_ARGS,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "device": str(jax.devices()[0]),
     "backend": jax.default_backend(),

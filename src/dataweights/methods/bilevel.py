@@ -441,7 +441,8 @@ FORWARD_STEPS_PER_DIRECTION = 1.5
 # FORWARD_STEPS_BANDWIDTH_BOUND inner steps until the directions'
 # arithmetic, FORWARD_STEPS_PER_DIRECTION_DATA_BOUND each, exceeds that. A
 # data-bound step whose data fit in the cache reads them cheaply; its
-# directions cost FORWARD_STEPS_PER_DIRECTION like any other step's.
+# directions cost FORWARD_STEPS_PER_DIRECTION_IN_CACHE each (forward mode at
+# 2.5-9.5 plain steps for K = 2..8 with 0.5-1 MiB of data).
 # Measured (benchmarks/bench_mixing.py --logistic-features 256 512 2048 4096,
 # benchmarks/results/mixing_sizes.json; 2-core CPU, 2 MiB L2 per core):
 # with 0.5-1 MiB of data forward mode was 1.2-4.3x slower than reverse in
@@ -453,6 +454,15 @@ FORWARD_STEPS_PER_DIRECTION = 1.5
 DATA_BOUND_FLOPS_PER_BYTE = 4.0
 FORWARD_STEPS_BANDWIDTH_BOUND = 2.0
 FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.2
+FORWARD_STEPS_PER_DIRECTION_IN_CACHE = 0.75
+# Data that reach the step as traced values (arguments of an enclosing jit,
+# closed over by the problem) rather than constants: on XLA:CPU reverse
+# mode's backward loop then makes a transposed copy of them in every step
+# (the copy of a constant is folded at compile time; XLA does not hoist the
+# copy of an argument out of the loop). Charged to a data-bound step's
+# reverse modes on CPU: `bench_mixing.py --data-as-args` measured reverse
+# mode at 10-14 plain steps with 0.5-8 MiB of data, forward at 2.8-6.2.
+TRACED_DATA_TRANSPOSE_STEPS = 8.0
 REVERSE_STEPS = 2.0
 REMAT_STEPS = 3.0
 # With a single inner step θ_0 does not depend on w: reverse mode's sweep is
@@ -532,6 +542,8 @@ class ModeChoice:
     data_bytes: bytes of the data one inner step reads (closed-over
       constants and its minibatch).
     cache_bytes: ``C``, the cache the data were compared with.
+    traced_data_bytes: bytes of those data that are traced values
+      (arguments of an enclosing ``jax.jit``), not constants.
   """
 
   mode: str
@@ -544,6 +556,7 @@ class ModeChoice:
   step_flops: float | None
   data_bytes: int
   cache_bytes: int
+  traced_data_bytes: int
 
 
 def _nbytes(tree) -> int:
@@ -596,15 +609,19 @@ def choose_hypergrad_mode(
   ================  ============================  ==================
   mode              time (inner steps per step)   memory
   ================  ============================  ==================
-  forward           ``1 + 1.5 K``; but            ``(K + 2) P + R``
-                    ``max(2, 1 + 0.2 K)`` if
-                    ``F < 4 B`` and ``B > C``
+  forward           ``1 + 1.5 K``; if ``F < 4 B``  ``(K + 2) P + R``
+                    ``1 + 0.75 K`` (``B <= C``)
+                    or ``max(2, 1 + 0.2 K)``
+                    (``B > C``)
   reverse           ``2``, or ``2 ρ / ρ*`` if     ``T (P + R) + P``
                     ``ρ = R / F > ρ* = 0.02``
                     and ``T (P + R) > 1 MiB``;
                     ``1`` if ``T = 1``
   reverse_remat     ``3``; ``2`` if ``T = 1``     ``T P + R + P``
   ================  ============================  ==================
+
+  plus 8 steps for both reverse modes if ``F < 4 B``, on CPU, when the
+  problem closes over traced data (see below).
 
   Reverse mode is memory-bound when it stores more than ``ρ*`` bytes per
   FLOP and its residuals outgrow the cache (then recomputing the step is
@@ -615,7 +632,12 @@ def choose_hypergrad_mode(
   sweep of the data, and forward mode costs about two steps (the primal
   gradient's sweep and the directions') until the directions' arithmetic,
   0.2 steps each, costs more. Data that fit in the cache are read cheaply,
-  and each direction costs its 1.5 steps. With ``T = 1``, ``θ_0`` does not
+  and each direction costs 0.75 steps. When such a problem closes over
+  traced data (arguments of an enclosing ``jax.jit``, not constants),
+  XLA:CPU makes a transposed copy of them in every step of reverse mode's
+  backward loop (a constant's copy is folded at compile time); that costs
+  about 8 more steps. Per-step minibatches (``batches``) are not modelled
+  so. With ``T = 1``, ``θ_0`` does not
   depend on ``w``: reverse mode differentiates one step with respect to
   ``w`` alone (no Hessian product), so it wins for any K. Among the
   modes whose memory fits ``memory_budget_bytes`` the fastest wins, ties to
@@ -692,6 +714,7 @@ def choose_hypergrad_mode(
     F = None
   consts = jax.make_jaxpr(step)(params, batch0).consts
   data = _nbytes([c for c in consts if hasattr(c, "dtype")]) + _nbytes(batch0)
+  traced = _nbytes([c for c in consts if isinstance(c, jax.core.Tracer)])
   r = P if R is None else R
   rho = None if F is None or F <= 0 else r / F
   cache = (
@@ -706,6 +729,8 @@ def choose_hypergrad_mode(
       FORWARD_STEPS_BANDWIDTH_BOUND,
       1 + FORWARD_STEPS_PER_DIRECTION_DATA_BOUND * K,
     )
+  elif data_bound:
+    t_fwd = 1 + FORWARD_STEPS_PER_DIRECTION_IN_CACHE * K
   t_rev = REVERSE_STEPS
   stored = T * (P + r)
   if rho is not None and rho > RESIDUAL_BYTES_PER_FLOP and stored > CACHE_BYTES:
@@ -714,6 +739,10 @@ def choose_hypergrad_mode(
   if T == 1:
     t_rev = REVERSE_STEPS_SINGLE
     t_remat = REVERSE_STEPS_SINGLE + (REMAT_STEPS - REVERSE_STEPS)
+  transposes = data_bound and traced > 0 and jax.default_backend() == "cpu"
+  if transposes:
+    t_rev += TRACED_DATA_TRANSPOSE_STEPS
+    t_remat += TRACED_DATA_TRANSPOSE_STEPS
   time_steps = {
     "forward": t_fwd,
     "reverse": t_rev,
@@ -749,6 +778,7 @@ def choose_hypergrad_mode(
     step_flops=F,
     data_bytes=data,
     cache_bytes=int(cache),
+    traced_data_bytes=traced,
   )
 
 
