@@ -315,7 +315,19 @@ def bench_cell(name: str, K: int, T: int, repeats: int, min_s: float) -> dict:
     m["wall_ratio_to_plain"] = (
       m["wall_min_s"] / cell["modes"]["plain"]["wall_min_s"]
     )
-  choice = bilevel.choose_hypergrad_mode(problem, params, w_K, lr=LR, T=T)
+  if DATA_AS_ARGS:  # chosen as the auto program chooses: under the trace
+    seen = {}
+
+    def _choose(d):
+      seen["choice"] = bilevel.choose_hypergrad_mode(
+        build(d), params, w_K, lr=LR, T=T
+      )
+      return 0.0
+
+    jax.jit(_choose).lower(data)
+    choice = seen["choice"]
+  else:
+    choice = bilevel.choose_hypergrad_mode(problem, params, w_K, lr=LR, T=T)
   modes = ("forward", "reverse", "reverse_remat")
   fastest = min(modes, key=lambda n: cell["modes"][n][TIME_KEY])
   best = cell["modes"][fastest][TIME_KEY]
@@ -323,6 +335,7 @@ def bench_cell(name: str, K: int, T: int, repeats: int, min_s: float) -> dict:
     "mode": choice.mode,
     "reason": choice.reason,
     "estimated_time_steps": choice.time_steps,
+    "traced_data_bytes": choice.traced_data_bytes,
     "estimated_memory_bytes": choice.memory_bytes,
     "residual_bytes_per_step": choice.residual_bytes,
     "step_flops": choice.step_flops,

@@ -69,9 +69,9 @@ def test_auto_for_a_matrix_vector_step_in_cache():
   # residuals: a few K x M vectors, far below the intensity threshold
   assert choice.residual_bytes < 0.02 * choice.step_flops
   # few FLOPs per byte, but the data fit in the cache: every direction costs
-  # 0.75 steps, and reverse mode (2 steps) wins for every K >= 2
+  # one step, and reverse mode (2 steps) wins for every K >= 2
   assert choice.step_flops < 4 * choice.data_bytes
-  assert choice.time_steps["forward"] == pytest.approx(1 + 0.75 * 4)
+  assert choice.time_steps["forward"] == pytest.approx(1 + 1.0 * 4)
   assert choice.traced_data_bytes == 0  # closed-over constants
   assert choice.mode == "reverse", choice
   for K in (2, 8):
@@ -147,7 +147,7 @@ def test_traced_data_charge_reverse_mode_its_transposes(K):
   )
   assert choice.time_steps["forward"] == const.time_steps["forward"]
   assert const.mode == "reverse"
-  # in cache: forward 1 + 0.75 K = 2.5 or 7 steps against reverse's 10
+  # in cache: forward 1 + K = 3 or 9 steps against reverse's 10
   assert choice.mode == ("forward" if extra else "reverse"), choice
 
 

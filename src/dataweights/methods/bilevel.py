@@ -454,7 +454,7 @@ FORWARD_STEPS_PER_DIRECTION = 1.5
 DATA_BOUND_FLOPS_PER_BYTE = 4.0
 FORWARD_STEPS_BANDWIDTH_BOUND = 2.0
 FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.2
-FORWARD_STEPS_PER_DIRECTION_IN_CACHE = 0.75
+FORWARD_STEPS_PER_DIRECTION_IN_CACHE = 1.0
 # Data that reach the step as traced values (arguments of an enclosing jit,
 # closed over by the problem) rather than constants: on XLA:CPU reverse
 # mode's backward loop then makes a transposed copy of them in every step
@@ -610,7 +610,7 @@ def choose_hypergrad_mode(
   mode              time (inner steps per step)   memory
   ================  ============================  ==================
   forward           ``1 + 1.5 K``; if ``F < 4 B``  ``(K + 2) P + R``
-                    ``1 + 0.75 K`` (``B <= C``)
+                    ``1 + K`` (``B <= C``)
                     or ``max(2, 1 + 0.2 K)``
                     (``B > C``)
   reverse           ``2``, or ``2 ρ / ρ*`` if     ``T (P + R) + P``
@@ -632,12 +632,12 @@ def choose_hypergrad_mode(
   sweep of the data, and forward mode costs about two steps (the primal
   gradient's sweep and the directions') until the directions' arithmetic,
   0.2 steps each, costs more. Data that fit in the cache are read cheaply,
-  and each direction costs 0.75 steps. When such a problem closes over
+  and each direction costs one step. When such a problem closes over
   traced data (arguments of an enclosing ``jax.jit``, not constants),
   XLA:CPU makes a transposed copy of them in every step of reverse mode's
   backward loop (a constant's copy is folded at compile time); that costs
-  about 8 more steps. Per-step minibatches (``batches``) are not modelled
-  so. With ``T = 1``, ``θ_0`` does not
+  about 8 more steps. Per-step minibatches (``batches``) are not charged
+  so; that is not measured. With ``T = 1``, ``θ_0`` does not
   depend on ``w``: reverse mode differentiates one step with respect to
   ``w`` alone (no Hessian product), so it wins for any K. Among the
   modes whose memory fits ``memory_budget_bytes`` the fastest wins, ties to
