@@ -441,16 +441,19 @@ FORWARD_STEPS_PER_DIRECTION = 1.5
 # FORWARD_STEPS_BANDWIDTH_BOUND inner steps until the directions'
 # arithmetic, FORWARD_STEPS_PER_DIRECTION_DATA_BOUND each, exceeds that. A
 # data-bound step whose data fit in the cache reads them cheaply; its
-# directions cost FORWARD_STEPS_PER_DIRECTION_IN_CACHE each (forward mode at
-# 2.5-9.5 plain steps for K = 2..8 with 0.5-1 MiB of data).
-# Measured (benchmarks/bench_mixing.py --logistic-features 256 512 2048 4096,
-# benchmarks/results/mixing_sizes.json; 2-core CPU, 2 MiB L2 per core):
-# with 0.5-1 MiB of data forward mode was 1.2-4.3x slower than reverse in
-# every cell; with 4-8 MiB, K = 2, 4 it was 0.84-1.05x reverse's time,
-# K = 8 1.13-1.24x. (The previous model, one constant 0.55 per direction
-# whenever F < 4 x data bytes, had been fitted to runs at 2 MiB of data, the
-# size of that machine's L2, where the two modes trade places between
-# processes.)
+# directions cost FORWARD_STEPS_PER_DIRECTION_IN_CACHE each.
+# Measured at T >= 10 in two runs of benchmarks/bench_mixing.py
+# --logistic-features 256 512 1024 2048 4096 (benchmarks/results/
+# mixing_sizes*.json; 2-core CPU, 2 MiB L2 per core), forward mode's time
+# over reverse mode's:
+#   0.5-1 MiB of data (in cache): K = 2, 4: 1.04-2.39; K = 8: 1.54-3.97
+#     (forward 2.5-8.0 plain steps);
+#   4-8 MiB (streamed): K = 2, 4: 0.84-1.03; K = 8: 1.07-1.29 (forward
+#     1.8-2.4 plain steps at K = 2, 4, 2.3-2.8 at K = 8);
+#   2 MiB (the L2's size): K = 2, 4: 0.83-1.22, the order changing between
+#     runs; no rule is right there in every run.
+# The previous model (0.55 steps per direction whenever F < 4 B) had been
+# fitted to that 2 MiB problem alone.
 DATA_BOUND_FLOPS_PER_BYTE = 4.0
 FORWARD_STEPS_BANDWIDTH_BOUND = 2.0
 FORWARD_STEPS_PER_DIRECTION_DATA_BOUND = 0.2
@@ -460,8 +463,9 @@ FORWARD_STEPS_PER_DIRECTION_IN_CACHE = 1.0
 # mode's backward loop then makes a transposed copy of them in every step
 # (the copy of a constant is folded at compile time; XLA does not hoist the
 # copy of an argument out of the loop). Charged to a data-bound step's
-# reverse modes on CPU: `bench_mixing.py --data-as-args` measured reverse
-# mode at 10-14 plain steps with 0.5-8 MiB of data, forward at 2.8-6.2.
+# reverse modes on CPU: `bench_mixing.py --data-as-args` (benchmarks/
+# results/mixing_args.json) measured reverse mode at 7.3-20.7 plain steps
+# with 0.5-8 MiB of data and T >= 10, forward mode at 2.5-6.2.
 TRACED_DATA_TRANSPOSE_STEPS = 8.0
 REVERSE_STEPS = 2.0
 REMAT_STEPS = 3.0
