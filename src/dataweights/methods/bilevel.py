@@ -613,10 +613,9 @@ def choose_hypergrad_mode(
   ================  ============================  ==================
   mode              time (inner steps per step)   memory
   ================  ============================  ==================
-  forward           ``1 + 1.5 K``; if ``F < 4 B``  ``(K + 2) P + R``
-                    ``1 + K`` (``B <= C``)
-                    or ``max(2, 1 + 0.2 K)``
-                    (``B > C``)
+  forward           ``1 + 1.5 K``; if F < 4 B:     ``(K + 2) P + R``
+                    ``1 + K`` if ``B <= C``,
+                    else ``max(2, 1 + 0.2 K)``
   reverse           ``2``, or ``2 ρ / ρ*`` if     ``T (P + R) + P``
                     ``ρ = R / F > ρ* = 0.02``
                     and ``T (P + R) > 1 MiB``;
