@@ -174,6 +174,14 @@ def make_logistic(K: int, seed: int = 0, features: int = D_LOGIT):
   return build, data, params
 
 
+def _logistic_description(D: int) -> str:
+  return (
+    f"logistic regression, {D} features (+bias: {D + 1} params), float32, "
+    f"{M_LOGIT} train examples split over K domains, {M_VAL} validation; "
+    f"{(M_LOGIT + M_VAL) * D * 4 / 2**20:.2f} MiB of features"
+  )
+
+
 PROBLEMS = {
   "mlp": (
     make_mlp,
@@ -181,12 +189,7 @@ PROBLEMS = {
     f"{D_IN * HIDDEN + 2 * HIDDEN + 1} params, {M_TRAIN} train "
     f"examples split over K domains, {M_VAL} validation",
   ),
-  "logistic": (
-    make_logistic,
-    f"logistic regression, {D_LOGIT} features "
-    f"(+bias: {D_LOGIT + 1} params), float32, {M_LOGIT} train "
-    f"examples split over K domains, {M_VAL} validation",
-  ),
+  "logistic": (make_logistic, _logistic_description(D_LOGIT)),
 }
 
 
@@ -195,22 +198,21 @@ def logistic_name(features: int) -> str:
   return "logistic" if features == D_LOGIT else f"logistic_{features}"
 
 
+def _logistic_features(name: str) -> int | None:
+  """D of a problem name ``logistic_<D>``; None for the PROBLEMS names."""
+  prefix = "logistic_"
+  return int(name[len(prefix) :]) if name.startswith(prefix) else None
+
+
 def make_problem(name: str, K: int):
   """(build, data, params) of a problem name: PROBLEMS or logistic_<D>."""
-  if name.startswith("logistic_"):
-    return make_logistic(K, features=int(name.split("_", 1)[1]))
-  return PROBLEMS[name][0](K)
+  D = _logistic_features(name)
+  return PROBLEMS[name][0](K) if D is None else make_logistic(K, features=D)
 
 
 def describe(name: str) -> str:
-  if name.startswith("logistic_"):
-    D = int(name.split("_", 1)[1])
-    return (
-      f"logistic regression, {D} features (+bias), float32, {M_LOGIT} train "
-      f"examples split over K domains, {M_VAL} validation; "
-      f"{(M_LOGIT + M_VAL) * D * 4 / 2**20:.2f} MiB of features"
-    )
-  return PROBLEMS[name][1]
+  D = _logistic_features(name)
+  return PROBLEMS[name][1] if D is None else _logistic_description(D)
 
 
 def _modes(problem, T):
@@ -293,8 +295,8 @@ def bench_cell(name: str, K: int, T: int, repeats: int, min_s: float) -> dict:
   build, data, params = make_problem(name, K)
   problem = build(data)  # closes over the data: XLA constants
   w_K = jnp.full((K,), 1.0 / K, jnp.float32)
-  cell = {"problem": name, "K": K, "T": T, "modes": {}}
-  cell["data_as_args"] = DATA_AS_ARGS
+  cell = {"problem": name, "K": K, "T": T, "data_as_args": DATA_AS_ARGS}
+  cell["modes"] = {}
   args = (params, w_K, data) if DATA_AS_ARGS else (params, w_K)
   compiled, outs = {}, {}
   for name, fn in _modes(problem, T).items():

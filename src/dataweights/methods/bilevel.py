@@ -30,7 +30,10 @@ a small MLP via ``nnx.split``/``nnx.merge``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import pathlib
+import re
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -495,8 +498,6 @@ def core_cache_bytes(root: str = SYSFS_CPU0_CACHE) -> int | None:
     The size in bytes, or None where sysfs does not say (not Linux, no
     level-2 entry, or a size that does not parse).
   """
-  import pathlib  # noqa: PLC0415
-
   units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
   try:
     entries = sorted(pathlib.Path(root).glob("index*"))
@@ -511,19 +512,20 @@ def core_cache_bytes(root: str = SYSFS_CPU0_CACHE) -> int | None:
       continue
     if level != "2" or kind not in ("Unified", "Data"):
       continue
-    digits, unit = size.rstrip("KMG"), size[len(size.rstrip("KMG")) :]
-    if digits.isdigit() and unit in units and int(digits) > 0:
-      return int(digits) * units[unit]
-    return None
+    parsed = re.fullmatch(r"(\d+)([KMG]?)", size)
+    if parsed is None or int(parsed[1]) == 0:
+      return None
+    return int(parsed[1]) * units[parsed[2]]
   return None
 
 
+@functools.cache
 def default_data_cache_bytes() -> int:
   """The cache a data-bound step must outgrow to stream from memory.
 
   On the CPU backend, one core's L2 (:func:`core_cache_bytes`); elsewhere,
   or if sysfs does not say, ``CACHE_BYTES`` (1 MiB). The cost model is fitted
-  on CPU only (see :func:`choose_hypergrad_mode`).
+  on CPU only (see :func:`choose_hypergrad_mode`). Read once per process.
   """
   found = core_cache_bytes() if jax.default_backend() == "cpu" else None
   return CACHE_BYTES if found is None else found
